@@ -1,0 +1,41 @@
+"""fxprune: train once, get an exact slim network.
+
+fxprune traces a PyTorch model with torch.fx, finds by graph analysis the groups of
+parameters that must be removed together (zero-invariant groups, OTOv2), trains with
+structured-sparsity optimizers, and regenerates a slim ``torch.fx.GraphModule`` whose output
+equals the trained model's.
+
+    prog = fxprune.compile(model, example_inputs)
+    opt = fxprune.DHSPG(prog, lr=0.1, target_group_sparsity=0.5)
+    ...  # train as usual
+    slim = prog.construct_subnet()        # verified against the full model
+    print(fxprune.report(model, slim, example_inputs))
+"""
+from .errors import (CheckpointError, FxPruneError, RewriteError, TraceError, UnsupportedInputError,
+                     VerificationError)
+from .ir import Group, Slice
+from .program import Program, compile
+from .report import Report, report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError", "FxPruneError", "Group", "Program", "Report", "RewriteError", "Slice", "TraceError",
+    "UnsupportedInputError", "VerificationError", "compile", "report", "DHSPG", "load", "save",
+]
+
+
+def __getattr__(name):  # optional parts load on first use
+    if name == "DHSPG":
+        from .optim import DHSPG
+
+        return DHSPG
+    if name in ("load", "save"):
+        from . import io
+
+        return getattr(io, name)
+    if name == "testing":
+        from . import testing
+
+        return testing
+    raise AttributeError(f"module 'fxprune' has no attribute {name!r}")

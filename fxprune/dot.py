@@ -1,0 +1,94 @@
+"""DOT drawings (pydot) of a Program's graph: nodes coloured by the group their channels
+belong to, with a legend giving each group's size, state and parameters."""
+from __future__ import annotations
+
+from typing import Optional
+
+import pydot
+import torch.fx
+
+_PALETTE = ["#8dd3c7", "#ffffb3", "#bebada", "#fb8072", "#80b1d3", "#fdb462", "#b3de69", "#fccde5",
+            "#d9d9d9", "#bc80bd", "#ccebc5", "#ffed6f", "#a6cee3", "#b2df8a", "#fb9a99", "#cab2d6"]
+_FROZEN = "#eeeeee"
+
+
+def _q(text: str) -> str:
+    return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _target(node: torch.fx.Node) -> str:
+    t = node.target
+    return getattr(t, "__name__", str(t)) if callable(t) else str(t)
+
+
+def _shape(node: torch.fx.Node) -> str:
+    sym = node.meta.get("fxprune.shape")
+    if sym is not None and not isinstance(sym, tuple) or (isinstance(sym, tuple) and sym and not isinstance(sym[0], tuple)):
+        return "(" + ", ".join(str(s) for s in sym) + ")"
+    meta = node.meta.get("tensor_meta")
+    return str(tuple(meta.shape)) if hasattr(meta, "shape") else ""
+
+
+def graph_to_dot(gm: torch.fx.GraphModule, groups=None) -> pydot.Dot:
+    """DOT of a GraphModule after any pass; uses the ``fxprune.*`` node metadata present."""
+    dot = pydot.Dot("fxprune", graph_type="digraph", rankdir="TB")
+    dot.set_node_defaults(shape="box", style="filled,rounded", fontname="Helvetica", fontsize="10")
+    for node in gm.graph.nodes:
+        gids = node.meta.get("fxprune.groups") or []
+        color = _FROZEN
+        if gids and groups is not None:
+            g = groups[gids[0]]
+            color = _PALETTE[g.id % len(_PALETTE)] if g.prunable else _FROZEN
+        label = f"{node.name}\\n{node.op} {_target(node)}"
+        shape = _shape(node)
+        if shape:
+            label += f"\\n{shape}"
+        if gids:
+            label += "\\ngroups " + ",".join(map(str, gids[:6])) + ("..." if len(gids) > 6 else "")
+        dot.add_node(pydot.Node(_q(node.name), label=_q(label).replace("\\\\n", "\\n"), fillcolor=color))
+        for inp in node.all_input_nodes:
+            dot.add_edge(pydot.Edge(_q(inp.name), _q(node.name)))
+    return dot
+
+
+def program_to_dot(prog) -> pydot.Dot:
+    dot = graph_to_dot(prog.module, prog.groups)
+    legend = pydot.Cluster("legend", label="groups", fontname="Helvetica")
+    for g in prog.groups:
+        state = "prunable" if g.prunable else "frozen"
+        if not g.exact:
+            state += ", inexact"
+        params = ", ".join(g.params[:4]) + (" ..." if len(g.params) > 4 else "")
+        text = f"group {g.id}: {g.size} channels, {state}\\n{params}"
+        if g.reason:
+            text += f"\\n{g.reason[:80]}"
+        color = _PALETTE[g.id % len(_PALETTE)] if g.prunable else _FROZEN
+        legend.add_node(pydot.Node(_q(f"group_{g.id}"), label=_q(text).replace("\\\\n", "\\n"), fillcolor=color))
+    dot.add_subgraph(legend)
+    return dot
+
+
+def ir_text(gm: torch.fx.GraphModule) -> str:
+    """The graph as text with fxprune's per-node metadata."""
+    lines = [str(gm.graph), ""]
+    for node in gm.graph.nodes:
+        extra = []
+        if "fxprune.op" in node.meta:
+            extra.append(f"op={node.meta['fxprune.op'] or '<unknown>'}")
+        elif "fxprune.spec" in node.meta:
+            spec = node.meta["fxprune.spec"]
+            extra.append(f"spec={spec.name if spec else '<unknown>'}")
+        shape = _shape(node)
+        if shape:
+            extra.append(f"shape={shape}")
+        if node.meta.get("fxprune.groups"):
+            extra.append(f"groups={node.meta['fxprune.groups']}")
+        lines.append(f"{node.name}: " + " ".join(extra))
+    ca = gm.meta.get("fxprune")
+    if ca is not None:
+        lines.append("")
+        lines += [repr(g) for g in ca.groups]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["graph_to_dot", "program_to_dot", "ir_text", "Optional"]

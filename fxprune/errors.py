@@ -1,0 +1,70 @@
+"""Errors raised by fxprune.
+
+Every error that concerns a graph node names the node, its op and target, and the user's
+source line that created it (``node.stack_trace`` / ``node.meta["stack_trace"]``), so a bad
+input never ends in a bare torch.fx traceback or, worse, a silently wrong model.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.fx
+
+
+class FxPruneError(Exception):
+    """Base class of every error fxprune raises on purpose."""
+
+
+def describe_node(node: Optional[torch.fx.Node]) -> str:
+    """One line naming a node: ``node 'add_3' (call_function operator.add) at model.py:42``."""
+    if node is None:
+        return "<no node>"
+    target = node.target
+    if callable(target):
+        target = getattr(target, "__module__", "") + "." + getattr(target, "__name__", repr(target))
+    where = source_line(node)
+    text = f"node '{node.name}' ({node.op} {target})"
+    return f"{text} at {where}" if where else text
+
+
+def source_line(node: torch.fx.Node) -> str:
+    """The innermost user source location recorded for ``node``, as ``file:line``, or ''."""
+    trace = node.meta.get("stack_trace") or getattr(node, "stack_trace", None)
+    if not trace:
+        return ""
+    last = ""
+    for line in trace.strip().splitlines():
+        line = line.strip()
+        if line.startswith("File "):
+            parts = line.split(",")
+            if len(parts) >= 2:
+                last = parts[0][5:].strip().strip('"') + ":" + parts[1].strip().removeprefix("line ")
+    return last
+
+
+class TraceError(FxPruneError):
+    """The model could not be traced by torch.fx symbolic tracing.
+
+    The message names the module path being traced, the user's source line, the underlying
+    torch.fx error, and how to fix it (``leaf_modules=`` or ``concrete_args=``).
+    """
+
+
+class UnsupportedInputError(FxPruneError):
+    """``example_inputs`` or options that fxprune cannot use (wrong type, empty, ...)."""
+
+
+class RewriteError(FxPruneError):
+    """The prune rewrite could not produce a valid slim model (names the node)."""
+
+    def __init__(self, message: str, node: Optional[torch.fx.Node] = None):
+        super().__init__(f"{describe_node(node)}: {message}" if node is not None else message)
+        self.node = node
+
+
+class VerificationError(FxPruneError):
+    """The slim model's output differs from the full model's beyond tolerance."""
+
+
+class CheckpointError(FxPruneError):
+    """A checkpoint or saved model is missing, truncated or corrupt."""

@@ -1,0 +1,95 @@
+"""``fxprune.report``: parameters, FLOPs (torch.utils.flop_counter) and latency of a full and
+a slim model on the same inputs."""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Number of distinct parameter elements (tied parameters counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: torch.nn.Module, inputs: Sequence) -> int:
+    """FLOPs of one eval-mode forward pass, as counted by ``torch.utils.flop_counter``
+    (a multiply-add counts 2 FLOPs; MACs = FLOPs / 2)."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(*inputs)
+    finally:
+        model.train(was)
+    return int(counter.get_total_flops())
+
+
+def latency_ms(model: torch.nn.Module, inputs: Sequence, repeats: int = 10, warmup: int = 2) -> float:
+    """Median wall time of one eval forward pass under ``torch.inference_mode``, in ms."""
+    was = model.training
+    model.eval()
+    times = []
+    try:
+        with torch.inference_mode():
+            for i in range(warmup + repeats):
+                t0 = time.perf_counter()
+                model(*inputs)
+                if i >= warmup:
+                    times.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        model.train(was)
+    return statistics.median(times)
+
+
+@dataclass
+class Report:
+    params_full: int
+    params_slim: int
+    flops_full: int
+    flops_slim: int
+    latency_full_ms: Optional[float] = None
+    latency_slim_ms: Optional[float] = None
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params_slim / max(1, self.params_full)
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.flops_slim / max(1, self.flops_full)
+
+    def as_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d.update(params_ratio=self.params_ratio, flops_ratio=self.flops_ratio,
+                 macs_full=self.flops_full // 2, macs_slim=self.flops_slim // 2)
+        return d
+
+    def __getitem__(self, key: str) -> Any:
+        return self.as_dict()[key]
+
+    def __str__(self) -> str:
+        rows = [("params", f"{self.params_full:,}", f"{self.params_slim:,}", f"{self.params_ratio:.3f}"),
+                ("FLOPs", f"{self.flops_full:,}", f"{self.flops_slim:,}", f"{self.flops_ratio:.3f}")]
+        if self.latency_full_ms is not None:
+            rows.append(("latency ms", f"{self.latency_full_ms:.2f}", f"{self.latency_slim_ms:.2f}",
+                         f"{self.latency_slim_ms / self.latency_full_ms:.3f}"))
+        head = ("", "full", "slim", "slim/full")
+        widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
+        fmt = "  ".join("{:>%d}" % w for w in widths)
+        return "\n".join(fmt.format(*r) for r in [head] + rows)
+
+
+def report(full: torch.nn.Module, slim: torch.nn.Module, example_inputs: Any, *, latency: bool = False) -> Report:
+    """Compare a full and a slim model: parameters, FLOPs and (with ``latency=True``) CPU
+    latency. ``example_inputs``: a tensor or a tuple of inputs."""
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    r = Report(count_params(full), count_params(slim), count_flops(full, inputs), count_flops(slim, inputs))
+    if latency:
+        r.latency_full_ms = latency_ms(full, inputs)
+        r.latency_slim_ms = latency_ms(slim, inputs)
+    return r

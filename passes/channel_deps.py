@@ -1,0 +1,249 @@
+"""Channel-dependency analysis: propagate channel tracks through the graph, unify them, and
+collect zero-invariant groups (OTOv2, Chen et al., ICLR 2023, Sec. 3.1, "ZIG partition").
+
+The walk visits nodes in graph order and asks each node's registry entry for the channel
+tracks of its output. Unifications are collected as edges; at the end the connected
+components of channel elements are the removable channels. Channels sharing the same
+parameter slices (same parameters, dims and multiplicities) form one :class:`Group`.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.fx
+
+from fxprune.errors import describe_node
+from fxprune.ir import Group, Slice
+
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from .channels import TensorChannels
+from .op_semantics import META_SPEC
+from .registry import REGISTRY, Registry
+from .rule_context import Analysis, RuleContext, _flatten_tc, _get_tensor
+
+META_CHANNELS = "fxprune.channels"
+META_OP = "fxprune.op"
+
+
+def canonical_names(gm: torch.nn.Module) -> Dict[str, str]:
+    """Map every parameter/buffer name to the first name of the same tensor (tied weights)."""
+    first: Dict[int, str] = {}
+    out: Dict[str, str] = {}
+    for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        out[name] = first.setdefault(id(t), name)
+    return out
+
+
+def walk(gm: torch.fx.GraphModule, registry: Registry = REGISTRY) -> Analysis:
+    """Run every node's rule in graph order; returns the raw :class:`Analysis`."""
+    an = Analysis()
+    an.canonical = canonical_names(gm)
+    for node in gm.graph.nodes:
+        ctx = RuleContext(an, gm, node)
+        spec_name = ""
+        if node.op == "placeholder":
+            out = ctx.out_untracked()
+        elif node.op == "get_attr":
+            name = an.canonical.get(node.target, node.target)
+            tensor = _get_tensor(gm, node.target)
+            out = ctx.attr_channels(name, tensor) if tensor is not None else None
+        elif node.op == "output":
+            ctx.pin_all(_channels_of(an, node.args[0]), "reaches the model output")
+            out = None
+        else:
+            spec = node.meta[META_SPEC] if META_SPEC in node.meta else registry.lookup(node, ctx.module)
+            if spec is None:
+                out = ctx.unknown(f"op without channel semantics ({_op_name(node, ctx.module)})")
+            else:
+                spec_name = spec.name
+                try:
+                    out = spec.rule(ctx)
+                    _check_shapes(node, out)
+                except Exception as exc:  # a rule that cannot follow this use freezes, never guesses
+                    out = ctx.unknown(f"channel rule '{spec.name}' cannot follow this use: {exc}")
+        node.meta[META_OP] = spec_name
+        an.specs[node.name] = spec_name
+        an.channels[node.name] = out
+    return an
+
+
+def _channels_of(an: Analysis, v: Any) -> Any:
+    if isinstance(v, torch.fx.Node):
+        return an.channels.get(v.name)
+    if isinstance(v, (list, tuple)):
+        return [_channels_of(an, x) for x in v]
+    if isinstance(v, dict):
+        return [_channels_of(an, x) for x in v.values()]
+    return None
+
+
+def _op_name(node: torch.fx.Node, module: Optional[torch.nn.Module]) -> str:
+    if node.op == "call_module":
+        return f"module {type(module).__module__}.{type(module).__qualname__}"
+    if node.op == "call_method":
+        return f"method Tensor.{node.target}"
+    t = node.target
+    return f"function {getattr(t, '__module__', '')}.{getattr(t, '__name__', repr(t))}"
+
+
+def _check_shapes(node: torch.fx.Node, out: Any) -> None:
+    """A rule's output must match the shapes seen by shape propagation."""
+    meta = node.meta.get("tensor_meta")
+    if isinstance(out, TensorChannels):
+        if meta is None or not hasattr(meta, "shape") or tuple(meta.shape) != out.shape:
+            raise ValueError(f"rule gave shape {out.shape}, shape propagation saw "
+                             f"{tuple(meta.shape) if hasattr(meta, 'shape') else meta}")
+        for size, t in zip(out.shape, out.dims):
+            if t is not None and len(t) != size:
+                raise ValueError(f"track of length {len(t)} on a dim of size {size}")
+    elif isinstance(out, (list, tuple)) and isinstance(meta, (list, tuple)):
+        if len(out) != len(meta):
+            raise ValueError("rule gave a different number of outputs")
+
+
+# ---------------------------------------------------------------------------- groups
+
+
+class GroupIndex:
+    """Element -> (group id, channel) maps, built once the components are known."""
+
+    def __init__(self, count: int):
+        self.group = np.full(count, -1, np.int64)
+        self.channel = np.full(count, -1, np.int64)
+
+
+def build_groups(gm: torch.fx.GraphModule, an: Analysis, allow_inexact: bool = False
+                 ) -> Tuple[List[Group], np.ndarray, GroupIndex]:
+    """Collect the groups. Returns ``(groups, components, index)`` where ``components[e]`` is
+    the representative of element ``e`` and ``index`` maps elements to group channels."""
+    comp = an.store.components()
+    pin_reason = _first_reason(comp, an.pins)
+    inexact_reason = _first_reason(comp, an.inexact)
+
+    keys = list(an.params.keys())
+    role_of = []
+    for k in keys:
+        roles = an.params[k].roles
+        role_of.append("out" if "out" in roles else ("in" if "in" in roles else "buffer"))
+    if not keys:
+        return [], comp, GroupIndex(an.store.count)
+    reps = [comp[an.params[k].track.units] for k in keys]
+    R = np.concatenate(reps)
+    K = np.concatenate([np.full(len(r), i, np.int64) for i, r in enumerate(reps)])
+    P = np.concatenate([np.arange(len(r), dtype=np.int64) for r in reps])
+
+    # signature of each representative: the (param key, multiplicity) pairs it touches
+    order = np.lexsort((P, K, R))
+    R, K, P = R[order], K[order], P[order]
+    pair = np.stack([R, K], 1)
+    uniq, first_idx, counts = np.unique(pair, axis=0, return_index=True, return_counts=True)
+    sig: Dict[int, list] = defaultdict(list)
+    first_pos: Dict[int, Tuple[int, int]] = {}
+    for (r, k), fi, c in zip(uniq.tolist(), first_idx.tolist(), counts.tolist()):
+        sig[r].append((k, c))
+        if r not in first_pos:
+            first_pos[r] = (k, int(P[fi]))
+
+    buckets: Dict[tuple, List[int]] = defaultdict(list)
+    for r, s in sig.items():
+        if not any(role_of[k] == "out" for k, _ in s):
+            continue  # nothing to zero: never removed
+        flags = (pin_reason.get(r), inexact_reason.get(r) if r not in pin_reason else None)
+        buckets[(tuple(s), flags[0] is not None, flags[1] is not None)].append(r)
+
+    index = GroupIndex(an.store.count)
+    entries = []
+    for (s, pinned, inexact), rs in buckets.items():
+        rs.sort(key=lambda r: first_pos[r])
+        entries.append((min(first_pos[r] for r in rs), s, pinned, inexact, rs))
+    entries.sort(key=lambda e: e[0])
+
+    rep_group = np.full(an.store.count, -1, np.int64)
+    rep_chan = np.full(an.store.count, -1, np.int64)
+    groups: List[Group] = []
+    for gid, (_, s, pinned, inexact, rs) in enumerate(entries):
+        rs_arr = np.asarray(rs, np.int64)
+        rep_group[rs_arr] = gid
+        rep_chan[rs_arr] = np.arange(len(rs), dtype=np.int64)
+        reason = pin_reason.get(rs[0]) if pinned else (inexact_reason.get(rs[0]) if inexact else None)
+        groups.append(Group(id=gid, size=len(rs), slices=[], dependents=[], prunable=not pinned and (
+            not inexact or allow_inexact), exact=not inexact, reason=reason))
+
+    # slices: positions of each param key owned by each group
+    G = rep_group[R]
+    keep = G >= 0
+    G, Kk, Pk, Rk = G[keep], K[keep], P[keep], R[keep]
+    order = np.lexsort((Pk, Kk, G))
+    G, Kk, Pk, Rk = G[order], Kk[order], Pk[order], Rk[order]
+    bounds = np.flatnonzero(np.diff(G * (len(keys) + 1) + Kk)) + 1
+    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(G)]):
+        if lo == hi:
+            continue
+        gid, k = int(G[lo]), int(Kk[lo])
+        name, dim = keys[k]
+        sl = Slice(param=name, dim=dim, index=torch.from_numpy(Pk[lo:hi].copy()),
+                   channel=torch.from_numpy(rep_chan[Rk[lo:hi]]), role=role_of[k])
+        (groups[gid].slices if sl.role == "out" else groups[gid].dependents).append(sl)
+
+    index.group = rep_group[comp]
+    index.channel = rep_chan[comp]
+    _attach_nodes(gm, an, groups, index)
+    return groups, comp, index
+
+
+def _first_reason(comp: np.ndarray, entries: List[Tuple[np.ndarray, str]]) -> Dict[int, str]:
+    out: Dict[int, str] = {}
+    for units, reason in entries:
+        for r in np.unique(comp[units]).tolist():
+            out.setdefault(r, reason)
+    return out
+
+
+def _attach_nodes(gm: torch.fx.GraphModule, an: Analysis, groups: List[Group], index: GroupIndex) -> None:
+    for node in gm.graph.nodes:
+        out = an.channels.get(node.name)
+        node.meta[META_CHANNELS] = out
+        seen = set()
+        for tc in _flatten_tc(out):
+            for t in tc.dims:
+                if t is not None:
+                    seen.update(np.unique(index.group[t.units]).tolist())
+        seen.discard(-1)
+        node.meta["fxprune.groups"] = sorted(seen)
+        for g in seen:
+            groups[g].nodes.append(node.name)
+
+
+@dataclass
+class ChannelAnalysis:
+    """What the channel-deps pass leaves on ``gm.meta["fxprune"]``."""
+
+    analysis: Analysis
+    groups: List[Group]
+    components: np.ndarray
+    index: GroupIndex
+
+
+class ChannelDepsPass(PassBase):
+    """Unify channel dimensions across the graph and collect the groups (ZIGs)."""
+
+    name = "channel_deps"
+
+    def __init__(self, allow_inexact: bool = False, registry: Registry = REGISTRY):
+        super().__init__()
+        self.allow_inexact = allow_inexact
+        self.registry = registry
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        an = walk(gm, self.registry)
+        groups, comp, index = build_groups(gm, an, self.allow_inexact)
+        gm.meta["fxprune"] = ChannelAnalysis(an, groups, comp, index)
+        return PassResult(gm, False)
+
+
+__all__ = ["ChannelDepsPass", "ChannelAnalysis", "walk", "build_groups", "canonical_names", "GroupIndex", "META_CHANNELS", "META_OP", "describe_node"]

@@ -1,0 +1,707 @@
+"""Channel semantics of neural-network layers: convolutions, linear maps, normalizations,
+activations, pooling and resampling, as modules and as functions.
+
+Every rule states, for its op, which dimension holds channels, which parameter dimensions
+produce them (zeroing those makes the channel zero: a conv's weight rows and bias, a norm's
+affine parameters) and which consume them (a conv's input columns), and what a zeroed
+channel becomes after the op (``relu(0) = 0``; ``sigmoid(0) = 0.5``). Each module rule has a
+``rewrite`` that sets the module's size attributes after its parameters are sliced.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .channels import ZERO, TensorChannels, Track, norm_dim, state_const_map, state_mul
+from .registry import register_function, register_method, register_module
+
+# ============================================================================ helpers
+
+
+def _x(ctx) -> TensorChannels:
+    tc = ctx.ch(ctx.arg(0, "input"))
+    if not isinstance(tc, TensorChannels):
+        raise TypeError(f"{ctx.where()}: expected a tensor input")
+    return tc
+
+
+def _with_dim(tc: TensorChannels, dim: int, track: Optional[Track], size: Optional[int] = None) -> TensorChannels:
+    dims = list(tc.dims)
+    dims[dim] = track
+    shape = list(tc.shape)
+    if size is not None:
+        shape[dim] = size
+    return TensorChannels(tuple(shape), dims)
+
+
+def _keep_leading(tc: TensorChannels, out_shape, n_lead: int) -> TensorChannels:
+    """Output shaped ``out_shape`` whose first ``n_lead`` dims are the input's, the rest untracked."""
+    dims = list(tc.dims[:n_lead]) + [None] * (len(out_shape) - n_lead)
+    return TensorChannels(tuple(out_shape), dims)
+
+
+def _size_attrs(module: nn.Module, **attrs) -> None:
+    for k, v in attrs.items():
+        if hasattr(module, k):
+            setattr(module, k, v)
+
+
+# ============================================================================ convolution
+
+
+def conv_channels(ctx, x: TensorChannels, w0: Optional[Track], w1: Optional[Track], bias: Optional[Track],
+                  groups: int, transposed: bool, out_shape) -> TensorChannels:
+    """Channels of a (transposed) convolution over ``x`` (channel dim 1).
+
+    ``w0``/``w1`` are the tracks of the weight's dims 0 and 1. For ``groups == 1`` the output
+    channels are the weight's output dim (producer) and the input channels its input dim
+    (consumer). For grouped convolutions (depthwise included) channels are removed in whole
+    groups: every input and output channel of a conv group is one element, so the slim conv
+    keeps its per-group widths and has fewer groups.
+    """
+    out_w, in_w = (w1, w0) if transposed else (w0, w1)
+    c_in = x.shape[1]
+    c_out = out_shape[1]
+    xin = x.dims[1]
+    if groups == 1:
+        ctx.consume(xin, in_w, f"the input channels of {ctx.node.name}")
+        out = Track(out_w.units, np.full(c_out, ZERO, np.int8)) if out_w is not None else None
+    else:
+        # one element per conv group: all its input channels, weight rows/cols and outputs
+        per_in = c_in // groups
+        per_out = c_out // groups
+        g_units = ctx.fresh(groups)
+        store = ctx.analysis.store
+        if xin is not None:
+            ctx.require_zero(xin, f"the input channels of {ctx.node.name}")
+            store.union(np.repeat(g_units.units, per_in), xin.units)
+        else:
+            ctx.pin(g_units, "grouped convolution over an input that carries no channels")
+        w_out_track = out_w  # length c_out (conv) or per-group out (transposed dim 1)
+        if transposed:
+            # weight (C_in, C_out/groups, k): dim 0 is per input channel, dim 1 within a group
+            if w0 is not None:
+                store.union(np.repeat(g_units.units, per_in), w0.units)
+            if w1 is not None:
+                ctx.pin(w1, "output width inside a transposed-conv group")
+            w_out_track = None
+        else:
+            if w0 is not None:
+                store.union(np.repeat(g_units.units, per_out), w0.units)
+            if w1 is not None and per_in > 1:
+                ctx.pin(w1, "input width inside a conv group")
+        out = Track(np.repeat(g_units.units, per_out), np.full(c_out, ZERO, np.int8))
+        _ = w_out_track
+    if bias is not None:
+        if out is None:
+            ctx.pin(bias, "bias of a conv whose output carries no channels")
+        else:
+            ctx.unify(out, bias)
+    dims = [x.dims[0] if x.ndim == len(out_shape) else None, out] + [None] * (len(out_shape) - 2)
+    if x.ndim != len(out_shape):  # unbatched input (C, L)
+        dims = [out] + [None] * (len(out_shape) - 1)
+    return TensorChannels(tuple(out_shape), dims)
+
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _rewrite_conv(rctx) -> None:
+    m = rctx.module
+    w = m.weight
+    transposed = isinstance(m, _CONV_TS)
+    x = rctx.ch(rctx.node.args[0])
+    new_in = rctx.new_shape(x)[1]
+    old_in, old_groups = m.in_channels, m.groups
+    per_in = old_in // old_groups
+    groups = new_in // per_in if old_groups > 1 else 1
+    out_channels = w.shape[1] * groups if transposed else w.shape[0]
+    _size_attrs(m, in_channels=new_in, out_channels=out_channels, groups=groups)
+
+
+@register_module(*_CONVS, *_CONV_TS, name="conv", rewrite=_rewrite_conv)
+def _conv_module(ctx):
+    m = ctx.module
+    transposed = isinstance(m, _CONV_TS)
+    if isinstance(m.padding, str) and m.padding != "valid" and m.padding_mode != "zeros":
+        pass
+    w0 = ctx.param("weight", 0, "in" if transposed else "out")
+    w1 = ctx.param("weight", 1, "out" if transposed else "in")
+    if transposed and m.groups > 1:
+        w0 = ctx.param("weight", 0, "in")
+    bias = ctx.param("bias", 0, "out")
+    return conv_channels(ctx, _x(ctx), w0, w1, bias, m.groups, transposed, ctx.out_shape)
+
+
+def _functional_conv(transposed: bool):
+    def rule(ctx):
+        x = _x(ctx)
+        w = ctx.ch(ctx.arg(1, "weight"))
+        b = ctx.ch(ctx.arg(2, "bias", None))
+        groups = ctx.arg(7 if transposed else 6, "groups", 1)
+        if not isinstance(w, TensorChannels) or not isinstance(groups, int):
+            return ctx.unknown("convolution with a computed weight or group count")
+        bias = b.dims[0] if isinstance(b, TensorChannels) else None
+        return conv_channels(ctx, x, w.dims[0], w.dims[1], bias, groups, transposed, ctx.out_shape)
+
+    return rule
+
+
+register_function(F.conv1d, F.conv2d, F.conv3d, name="conv")(_functional_conv(False))
+register_function(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, name="conv_transpose")(
+    _functional_conv(True))
+
+# ============================================================================ linear / embedding
+
+
+def linear_channels(ctx, x: TensorChannels, w_out: Optional[Track], w_in: Optional[Track],
+                    bias: Optional[Track], out_shape) -> TensorChannels:
+    ctx.consume(x.dims[-1], w_in, f"the input features of {ctx.node.name}")
+    out = Track(w_out.units, np.full(len(w_out), ZERO, np.int8)) if w_out is not None else None
+    if bias is not None:
+        ctx.unify(out, bias)
+    return TensorChannels(tuple(out_shape), list(x.dims[:-1]) + [out])
+
+
+def _rewrite_linear(rctx) -> None:
+    m = rctx.module
+    _size_attrs(m, in_features=m.weight.shape[1], out_features=m.weight.shape[0])
+
+
+@register_module(nn.Linear, name="linear", rewrite=_rewrite_linear)
+def _linear_module(ctx):
+    return linear_channels(ctx, _x(ctx), ctx.param("weight", 0, "out"), ctx.param("weight", 1, "in"),
+                           ctx.param("bias", 0, "out"), ctx.out_shape)
+
+
+@register_function(F.linear, name="linear")
+def _linear_fn(ctx):
+    w = ctx.ch(ctx.arg(1, "weight"))
+    b = ctx.ch(ctx.arg(2, "bias", None))
+    if not isinstance(w, TensorChannels) or w.ndim != 2:
+        return ctx.unknown("linear with a computed weight")
+    return linear_channels(ctx, _x(ctx), w.dims[0], w.dims[1], b.dims[0] if isinstance(b, TensorChannels) else None,
+                           ctx.out_shape)
+
+
+def _rewrite_embedding(rctx) -> None:
+    m = rctx.module
+    _size_attrs(m, embedding_dim=m.weight.shape[1], num_embeddings=m.weight.shape[0])
+
+
+@register_module(nn.Embedding, name="embedding", rewrite=_rewrite_embedding)
+def _embedding(ctx):
+    idx = _x(ctx)
+    ctx.param("weight", 0, "in")  # rows are looked up by index: never pruned
+    ctx.pin(ctx.param("weight", 0, "in"), "embedding rows are addressed by token index")
+    w1 = ctx.param("weight", 1, "out")
+    out = Track(w1.units, np.full(len(w1), ZERO, np.int8))
+    return TensorChannels(ctx.out_shape, list(idx.dims) + [out])
+
+
+# ============================================================================ normalization
+
+
+def _affine_state(affine: bool, x: Track, zero_maps_to_const: bool) -> np.ndarray:
+    if affine:
+        return np.full(len(x), ZERO, np.int8)
+    return state_const_map(x.state) if zero_maps_to_const else x.state.copy()
+
+
+def _norm_channel_dim(ctx, x: TensorChannels) -> int:
+    return 1 if x.ndim >= 2 else 0
+
+
+def _rewrite_batchnorm(rctx) -> None:
+    m = rctx.module
+    x = rctx.ch(rctx.node.args[0])
+    _size_attrs(m, num_features=rctx.new_shape(x)[_norm_channel_dim(rctx, x)])
+
+
+@register_module(nn.modules.batchnorm._BatchNorm, name="batch_norm", rewrite=_rewrite_batchnorm)
+def _batchnorm(ctx):
+    m = ctx.module
+    x = _x(ctx)
+    d = _norm_channel_dim(ctx, x)
+    t = x.dims[d]
+    params = [ctx.param(a, 0, "out") for a in ("weight", "bias")]
+    bufs = [ctx.param(a, 0, "buffer") for a in ("running_mean", "running_var")]
+    ctx.unify(t, *[p for p in params + bufs if p is not None])
+    if t is None:
+        return x
+    # eval with running statistics maps a zero channel to -mean/std (a constant)
+    uses_stats = m.track_running_stats and m.running_mean is not None
+    state = _affine_state(m.affine, t, zero_maps_to_const=uses_stats)
+    return _with_dim(x, d, Track(t.units, state))
+
+
+def _rewrite_instancenorm(rctx) -> None:
+    m = rctx.module
+    x = rctx.ch(rctx.node.args[0])
+    _size_attrs(m, num_features=rctx.new_shape(x)[_norm_channel_dim(rctx, x)])
+
+
+@register_module(nn.modules.instancenorm._InstanceNorm, name="instance_norm", rewrite=_rewrite_instancenorm)
+def _instancenorm(ctx):
+    m = ctx.module
+    x = _x(ctx)
+    d = _norm_channel_dim(ctx, x) if x.ndim > len(ctx.out_shape) - 1 else 0
+    d = 1 if x.ndim in (3, 4, 5) and (x.ndim - 2) == _spatial_rank(m) else 0
+    t = x.dims[d]
+    params = [ctx.param(a, 0, "out") for a in ("weight", "bias")]
+    bufs = [ctx.param(a, 0, "buffer") for a in ("running_mean", "running_var")]
+    ctx.unify(t, *[p for p in params + bufs if p is not None])
+    if t is None:
+        return x
+    uses_stats = m.track_running_stats and m.running_mean is not None
+    return _with_dim(x, d, Track(t.units, _affine_state(m.affine, t, zero_maps_to_const=uses_stats)))
+
+
+def _spatial_rank(m: nn.Module) -> int:
+    name = type(m).__name__
+    for r in (1, 2, 3):
+        if f"{r}d" in name:
+            return r
+    return 2
+
+
+def _rewrite_groupnorm(rctx) -> None:
+    m = rctx.module
+    x = rctx.ch(rctx.node.args[0])
+    c_new = rctx.new_shape(x)[1]
+    per = m.num_channels // m.num_groups
+    _size_attrs(m, num_channels=c_new, num_groups=c_new // per)
+
+
+def groupnorm_channels(ctx, x: TensorChannels, num_groups: int, weight, bias) -> TensorChannels:
+    t = x.dims[1]
+    c = x.shape[1]
+    g_units = ctx.fresh(num_groups)
+    if t is None:
+        ctx.pin(g_units, "group norm over an input that carries no channels")
+        for p in (weight, bias):
+            ctx.pin(p, "group norm over an input that carries no channels")
+        return x
+    per = c // num_groups
+    ctx.analysis.store.union(np.repeat(g_units.units, per), t.units)
+    for p in (weight, bias):
+        if p is not None:
+            ctx.unify(t, p)
+    affine = weight is not None
+    # a whole zeroed group normalises to zero; other groups' statistics are untouched
+    state = np.full(c, ZERO, np.int8) if affine else t.state.copy()
+    return _with_dim(x, 1, Track(t.units, state))
+
+
+@register_module(nn.GroupNorm, name="group_norm", rewrite=_rewrite_groupnorm)
+def _groupnorm(ctx):
+    m = ctx.module
+    return groupnorm_channels(ctx, _x(ctx), m.num_groups, ctx.param("weight", 0, "out"), ctx.param("bias", 0, "out"))
+
+
+@register_function(F.group_norm, name="group_norm", rewrite=lambda rctx: _rewrite_groupnorm_fn(rctx))
+def _groupnorm_fn(ctx):
+    x = _x(ctx)
+    num_groups = ctx.arg(1, "num_groups")
+    w = ctx.ch(ctx.arg(2, "weight", None))
+    b = ctx.ch(ctx.arg(3, "bias", None))
+    return groupnorm_channels(ctx, x, num_groups, w.dims[0] if isinstance(w, TensorChannels) else None,
+                              b.dims[0] if isinstance(b, TensorChannels) else None)
+
+
+def _rewrite_groupnorm_fn(rctx) -> None:
+    x = rctx.ch(rctx.node.args[0])
+    old_c, new_c = x.shape[1], rctx.new_shape(x)[1]
+    g = rctx.arg(1, "num_groups")
+    rctx.set_arg(1, "num_groups", new_c // (old_c // g))
+
+
+def layernorm_channels(ctx, x: TensorChannels, n_norm: int, weight: Optional[TensorChannels],
+                       bias: Optional[TensorChannels]) -> TensorChannels:
+    """LayerNorm over the last ``n_norm`` dims: channels there are normalised together, so
+    removing one (even a zero one) changes the others' statistics: inexact."""
+    dims = list(x.dims)
+    for k in range(n_norm):
+        d = x.ndim - n_norm + k
+        t = x.dims[d]
+        ps = [p.dims[k] if isinstance(p, TensorChannels) and p.ndim == n_norm else None for p in (weight, bias)]
+        if t is None:
+            for p in ps:
+                ctx.pin(p, "layer-norm parameter over a dimension that carries no channels")
+            continue
+        for p in ps:
+            if p is not None:
+                ctx.unify(t, p)
+            elif x.shape[d] > 1 and (weight is not None or bias is not None):
+                pass
+        ctx.inexact(t, "normalised together with other channels by a layer norm (its mean and variance change "
+                       "when a channel is removed)")
+        affine = weight is not None and bias is not None
+        dims[d] = Track(t.units, np.full(len(t), ZERO, np.int8) if affine else state_const_map(t.state))
+    return TensorChannels(x.shape, dims)
+
+
+def _rewrite_layernorm(rctx) -> None:
+    m = rctx.module
+    x = rctx.ch(rctx.node.args[0])
+    n = len(m.normalized_shape)
+    m.normalized_shape = tuple(rctx.new_shape(x)[-n:])
+
+
+@register_module(nn.LayerNorm, name="layer_norm", rewrite=_rewrite_layernorm)
+def _layernorm(ctx):
+    m = ctx.module
+    x = _x(ctx)
+    n = len(m.normalized_shape)
+    w = _param_tc(ctx, "weight", n)
+    b = _param_tc(ctx, "bias", n)
+    return layernorm_channels(ctx, x, n, w, b)
+
+
+def _param_tc(ctx, attr: str, ndim: int) -> Optional[TensorChannels]:
+    t = getattr(ctx.module, attr, None)
+    if t is None:
+        return None
+    tracks = [ctx.param(attr, k, "out") for k in range(ndim)]
+    return TensorChannels(tuple(t.shape), tracks)
+
+
+@register_function(F.layer_norm, name="layer_norm", rewrite=lambda rctx: _rewrite_layernorm_fn(rctx))
+def _layernorm_fn(ctx):
+    x = _x(ctx)
+    shape = ctx.arg(1, "normalized_shape")
+    n = len(shape) if isinstance(shape, (list, tuple)) else 1
+    w = ctx.ch(ctx.arg(2, "weight", None))
+    b = ctx.ch(ctx.arg(3, "bias", None))
+    return layernorm_channels(ctx, x, n, w if isinstance(w, TensorChannels) else None,
+                              b if isinstance(b, TensorChannels) else None)
+
+
+def _rewrite_layernorm_fn(rctx) -> None:
+    x = rctx.ch(rctx.node.args[0])
+    shape = rctx.arg(1, "normalized_shape")
+    if isinstance(shape, (list, tuple)) and all(isinstance(s, int) for s in shape):
+        rctx.set_arg(1, "normalized_shape", type(shape)(rctx.new_shape(x)[-len(shape):]))
+
+
+@register_function(F.batch_norm, name="batch_norm")
+def _batchnorm_fn(ctx):
+    x = _x(ctx)
+    tracks = []
+    for i, name in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")):
+        v = ctx.ch(ctx.arg(i, name, None))
+        tracks.append(v.dims[0] if isinstance(v, TensorChannels) else None)
+    t = x.dims[1]
+    ctx.unify(t, *[p for p in tracks if p is not None])
+    if t is None:
+        return x
+    training = ctx.arg(5, "training", False)
+    affine = tracks[2] is not None and tracks[3] is not None
+    uses_stats = tracks[0] is not None and not training
+    return _with_dim(x, 1, Track(t.units, _affine_state(affine, t, zero_maps_to_const=uses_stats)))
+
+
+@register_module(nn.LocalResponseNorm, nn.CrossMapLRN2d, name="local_response_norm")
+def _lrn(ctx):
+    x = _x(ctx)
+    ctx.inexact(x.dims[1], "normalised with neighbouring channels by a local response norm")
+    return x
+
+
+# ============================================================================ activations
+
+# f(0) == 0: a zeroed channel stays zero
+_ZERO_PRESERVING_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+    nn.Hardtanh, nn.Tanh, nn.Softsign, nn.Softshrink, nn.Hardshrink, nn.Tanhshrink, nn.RReLU,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity,
+)
+# f(0) == c != 0
+_CONST_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid)
+
+_ZERO_PRESERVING_FUNCTIONS = [
+    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.leaky_relu_, F.elu, F.elu_, F.selu,
+    torch.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish, F.hardtanh, F.hardtanh_, torch.tanh, F.tanh,
+    F.softsign, F.softshrink, F.hardshrink, F.tanhshrink, F.rrelu, F.dropout, F.dropout1d, F.dropout2d,
+    F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, torch.dropout, torch.abs, torch.neg, torch.square,
+    torch.sin, torch.sqrt, torch.erf, torch.sign, operator.neg, operator.pos, torch.nn.functional.threshold,
+]
+_ZERO_PRESERVING_METHODS = [
+    "relu", "relu_", "tanh", "tanh_", "abs", "neg", "square", "sin", "sqrt", "sign", "erf",
+    "contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "to", "type", "type_as", "cpu",
+    "cuda", "requires_grad_",
+]
+_CONST_FUNCTIONS = [torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus, F.logsigmoid, torch.exp, torch.cos,
+                    torch.cosh, torch.special.expit]
+_CONST_METHODS = ["sigmoid", "sigmoid_", "exp", "cos", "cosh"]
+
+
+def identity_channels(ctx):
+    x = ctx.ch(ctx.arg(0, "input"))
+    return x
+
+
+def _zero_preserving(ctx):
+    return identity_channels(ctx)
+
+
+def _const_map(ctx):
+    x = _x(ctx)
+    return x.map_state(state_const_map)
+
+
+register_module(*_ZERO_PRESERVING_MODULES, name="zero_preserving")(_zero_preserving)
+register_function(*_ZERO_PRESERVING_FUNCTIONS, name="zero_preserving")(_zero_preserving)
+register_method(*_ZERO_PRESERVING_METHODS, name="zero_preserving")(_zero_preserving)
+register_module(*_CONST_MODULES, name="const_map")(_const_map)
+register_function(*_CONST_FUNCTIONS, name="const_map")(_const_map)
+register_method(*_CONST_METHODS, name="const_map")(_const_map)
+
+
+@register_module(nn.Threshold, name="threshold")
+def _threshold(ctx):
+    m = ctx.module
+    x = _x(ctx)
+    return x if (0 > m.threshold or m.value == 0) else x.map_state(state_const_map)
+
+
+def _prelu_channels(ctx, x: TensorChannels, w: Optional[Track]) -> TensorChannels:
+    if w is not None and len(w) > 1:
+        d = 1 if x.ndim >= 2 else 0
+        if x.dims[d] is None:
+            ctx.pin(w, "PReLU slopes over a dimension that carries no channels")
+        else:
+            ctx.unify(x.dims[d], w)
+    return x
+
+
+def _rewrite_prelu(rctx) -> None:
+    rctx.module.num_parameters = rctx.module.weight.numel()
+
+
+@register_module(nn.PReLU, name="prelu", rewrite=_rewrite_prelu)
+def _prelu(ctx):
+    w = ctx.param("weight", 0, "in") if ctx.module.weight.numel() > 1 else None
+    return _prelu_channels(ctx, _x(ctx), w)
+
+
+@register_function(F.prelu, torch.prelu, name="prelu")
+def _prelu_fn(ctx):
+    w = ctx.ch(ctx.arg(1, "weight"))
+    return _prelu_channels(ctx, _x(ctx), w.dims[0] if isinstance(w, TensorChannels) and w.ndim == 1 else None)
+
+
+def softmax_channels(ctx, x: TensorChannels, dim: int) -> TensorChannels:
+    d = norm_dim(dim, x.ndim)
+    ctx.inexact(x.dims[d], "normalised together with other channels by a softmax")
+    return x.map_state(state_const_map)
+
+
+@register_module(nn.Softmax, nn.LogSoftmax, nn.Softmin, name="softmax")
+def _softmax_module(ctx):
+    x = _x(ctx)
+    dim = ctx.module.dim
+    if dim is None:
+        dim = 0 if x.ndim in (0, 1, 3) else 1
+    return softmax_channels(ctx, x, dim)
+
+
+@register_module(nn.Softmax2d, name="softmax")
+def _softmax2d(ctx):
+    return softmax_channels(ctx, _x(ctx), -3)
+
+
+@register_function(F.softmax, F.log_softmax, F.softmin, torch.softmax, torch.log_softmax, name="softmax")
+def _softmax_fn(ctx):
+    x = _x(ctx)
+    dim = ctx.arg(1, "dim", None)
+    if dim is None:
+        dim = 0 if x.ndim in (0, 1, 3) else 1
+    return softmax_channels(ctx, x, dim)
+
+
+@register_method("softmax", "log_softmax", name="softmax")
+def _softmax_method(ctx):
+    return softmax_channels(ctx, _x(ctx), ctx.arg(1, "dim"))
+
+
+def glu_channels(ctx, x: TensorChannels, dim: int) -> TensorChannels:
+    d = norm_dim(dim, x.ndim)
+    t = x.dims[d]
+    half = x.shape[d] // 2
+    if t is None:
+        return _with_dim(x, d, None, half)
+    a, b = t.take(slice(0, half)), t.take(slice(half, None))
+    ctx.unify(a, b)
+    return _with_dim(x, d, Track(a.units, state_mul([a.state, state_const_map(b.state)])), half)
+
+
+@register_module(nn.GLU, name="glu")
+def _glu(ctx):
+    return glu_channels(ctx, _x(ctx), ctx.module.dim)
+
+
+@register_function(F.glu, name="glu")
+def _glu_fn(ctx):
+    return glu_channels(ctx, _x(ctx), ctx.arg(1, "dim", -1))
+
+
+# ============================================================================ pooling / resampling
+
+
+def spatial_channels(ctx, x: TensorChannels, n_spatial: int) -> TensorChannels:
+    """Ops over the last ``n_spatial`` dims (pooling, interpolation, padding of spatial dims):
+    the leading dims, channels included, pass through; a zero channel stays zero."""
+    out_shape = ctx.out_shape
+    if x.ndim != len(out_shape):
+        return ctx.unknown("spatial op that changes the rank")
+    for d in range(x.ndim - n_spatial, x.ndim):
+        ctx.pin(x.dims[d], "channels in a pooled or resampled spatial dimension")
+    return _keep_leading(x, out_shape, x.ndim - n_spatial)
+
+
+def _spatial_rank_from_name(obj) -> int:
+    name = getattr(obj, "__name__", type(obj).__name__)
+    for r in (1, 2, 3):
+        if f"{r}d" in name:
+            return r
+    return 2
+
+
+_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+                 nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d,
+                 nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d,
+                 nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d)
+
+
+@register_module(*_POOL_MODULES, name="pool")
+def _pool_module(ctx):
+    if getattr(ctx.module, "return_indices", False):
+        return ctx.unknown("pooling that returns indices")
+    return spatial_channels(ctx, _x(ctx), _spatial_rank(ctx.module))
+
+
+@register_module(nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, name="pool")
+def _constant_pad(ctx):
+    out = spatial_channels(ctx, _x(ctx), _spatial_rank(ctx.module))
+    return out if ctx.module.value == 0 else out.map_state(state_const_map)
+
+
+_POOL_FUNCTIONS = [F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+                   F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+                   F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.lp_pool1d, F.lp_pool2d, torch.max_pool1d,
+                   torch.max_pool2d, torch.max_pool3d, torch.avg_pool1d, torch.adaptive_avg_pool1d,
+                   torch.nn.functional.max_pool2d_with_indices if False else None]
+
+
+@register_function(*[f for f in _POOL_FUNCTIONS if f is not None], name="pool")
+def _pool_fn(ctx):
+    if ctx.arg(None, "return_indices", False):
+        return ctx.unknown("pooling that returns indices")
+    return spatial_channels(ctx, _x(ctx), _spatial_rank_from_name(ctx.node.target))
+
+
+@register_module(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, name="interpolate")
+def _upsample(ctx):
+    x = _x(ctx)
+    return spatial_channels(ctx, x, x.ndim - 2)
+
+
+@register_function(F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear, name="interpolate")
+def _interpolate(ctx):
+    x = _x(ctx)
+    return spatial_channels(ctx, x, x.ndim - 2)
+
+
+@register_function(F.pad, torch.constant_pad_nd, name="pad")
+def _pad(ctx):
+    x = _x(ctx)
+    pad = ctx.arg(1, "pad")
+    if not isinstance(pad, (list, tuple)):
+        return ctx.unknown("padding with computed sizes")
+    n = (len(pad) + 1) // 2
+    out = spatial_channels(ctx, x, n)
+    value = ctx.arg(3, "value", 0) if ctx.node.target is F.pad else ctx.arg(2, "value", 0)
+    mode = ctx.arg(2, "mode", "constant") if ctx.node.target is F.pad else "constant"
+    return out if (mode != "constant" or not value) else out.map_state(state_const_map)
+
+
+# ============================================================================ pixel / channel shuffle
+
+
+def pixel_shuffle_channels(ctx, x: TensorChannels, r: int) -> TensorChannels:
+    """(.., C*r*r, H, W) -> (.., C, H*r, W*r): the r*r inputs of an output channel go together."""
+    d = x.ndim - 3
+    t = x.dims[d]
+    out_shape = ctx.out_shape
+    dims = list(x.dims[:d]) + [None, None, None]
+    if t is not None:
+        u = t.units.reshape(-1, r * r)
+        ctx.analysis.store.union(np.repeat(u[:, :1], r * r, axis=1), u)
+        dims[d] = Track(u[:, 0].copy(), t.state.reshape(-1, r * r).max(axis=1))
+    return TensorChannels(out_shape, dims)
+
+
+def pixel_unshuffle_channels(ctx, x: TensorChannels, r: int) -> TensorChannels:
+    d = x.ndim - 3
+    t = x.dims[d]
+    dims = list(x.dims[:d]) + [None, None, None]
+    if t is not None:
+        dims[d] = Track(np.repeat(t.units, r * r), np.repeat(t.state, r * r))
+    return TensorChannels(ctx.out_shape, dims)
+
+
+@register_module(nn.PixelShuffle, name="pixel_shuffle")
+def _pixel_shuffle(ctx):
+    return pixel_shuffle_channels(ctx, _x(ctx), ctx.module.upscale_factor)
+
+
+@register_module(nn.PixelUnshuffle, name="pixel_unshuffle")
+def _pixel_unshuffle(ctx):
+    return pixel_unshuffle_channels(ctx, _x(ctx), ctx.module.downscale_factor)
+
+
+@register_function(F.pixel_shuffle, torch.pixel_shuffle, name="pixel_shuffle")
+def _pixel_shuffle_fn(ctx):
+    return pixel_shuffle_channels(ctx, _x(ctx), ctx.arg(1, "upscale_factor"))
+
+
+@register_function(F.pixel_unshuffle, torch.pixel_unshuffle, name="pixel_unshuffle")
+def _pixel_unshuffle_fn(ctx):
+    return pixel_unshuffle_channels(ctx, _x(ctx), ctx.arg(1, "downscale_factor"))
+
+
+def channel_shuffle_channels(ctx, x: TensorChannels, groups: int) -> TensorChannels:
+    """Channel shuffle = view (g, C/g), transpose, flatten: position j of every group goes together."""
+    t = x.dims[1]
+    if t is None:
+        return x
+    u = t.units.reshape(groups, -1)
+    s = t.state.reshape(groups, -1)
+    ctx.analysis.store.union(np.broadcast_to(u[:1], u.shape), u)
+    per = u.shape[1]
+    # output channel k = (k % g) * (C/g) + k // g  ->  element of column k // g
+    col = np.arange(groups * per) // groups
+    return _with_dim(x, 1, Track(u[0][col], s.max(axis=0)[col]))
+
+
+@register_module(nn.ChannelShuffle, name="channel_shuffle")
+def _channel_shuffle(ctx):
+    return channel_shuffle_channels(ctx, _x(ctx), ctx.module.groups)
+
+
+@register_function(*[f for f in (getattr(F, "channel_shuffle", None), getattr(torch, "channel_shuffle", None),
+                                 getattr(torch, "native_channel_shuffle", None))], name="channel_shuffle")
+def _channel_shuffle_fn(ctx):
+    return channel_shuffle_channels(ctx, _x(ctx), ctx.arg(1, "groups"))
+
+
+_ = math

@@ -1,0 +1,708 @@
+"""Channel semantics of tensor ops: elementwise arithmetic with broadcasting, concatenation
+and splitting, reshapes, permutations, indexing, reductions and matrix products.
+
+Rewrites here recompute every constant argument that encodes a channel count (``view``
+sizes, ``split`` sections, slice bounds, ``narrow`` lengths) from the symbolic shapes of the
+pruned graph (see :mod:`fxprune.passes.symbolic`).
+"""
+from __future__ import annotations
+
+import operator
+from numbers import Number
+from typing import Any, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn as nn
+
+from .channels import (ANY, CONST, ZERO, TensorChannels, Track, broadcast_dims, norm_dim, reshape_blocks,
+                       state_add, state_const_map, state_mul)
+from .registry import register_function, register_method, register_module
+
+
+def _tc(ctx, v) -> Optional[TensorChannels]:
+    c = ctx.ch(v)
+    return c if isinstance(c, TensorChannels) else None
+
+
+# ============================================================================ elementwise
+
+
+def elementwise_channels(ctx, operands: Sequence[Any], kind: str) -> TensorChannels:
+    """Broadcasting elementwise op over tensors and scalars.
+
+    ``kind``: ``"add"`` (zero only if all terms are zero), ``"mul"`` (zero if any factor is)
+    or ``"div"`` (numerator and denominator). Output dims are unified across the operands
+    that have the full size there; a channel broadcast from size 1 is frozen.
+    """
+    out_shape = ctx.out_shape
+    tcs = [_tc(ctx, v) for v in operands]
+    scalars = [v for v, t in zip(operands, tcs) if t is None]
+    tensors = [t for t in tcs if t is not None]
+    aligned = broadcast_dims([t.shape for t in tensors], len(out_shape))
+    dims: List[Optional[Track]] = []
+    for d, size in enumerate(out_shape):
+        full, states, missing = [], [], False
+        for t, al in zip(tensors, aligned):
+            sd = al[d]
+            if sd is None or t.shape[sd] == 1:
+                if sd is not None and t.dims[sd] is not None and size > 1:
+                    ctx.pin(t.dims[sd], "a single channel broadcast over a dimension")
+                states.append(None)
+                continue
+            if t.dims[sd] is None:
+                missing = True
+                states.append(None)
+            else:
+                full.append(t.dims[sd])
+                states.append(t.dims[sd].state)
+        if not full:
+            dims.append(None)
+            continue
+        if missing:
+            for tr in full:
+                ctx.pin(tr, "combined elementwise with a tensor whose dimension carries no channels")
+        ctx.unify(*full)
+        dims.append(Track(full[0].units, _combine_states(ctx, kind, states, scalars, operands, tcs, size)))
+    return TensorChannels(tuple(out_shape), dims)
+
+
+def _combine_states(ctx, kind, states, scalars, operands, tcs, size) -> np.ndarray:
+    tracked = [s for s in states if s is not None]
+    if kind == "mul":
+        return state_mul(tracked)
+    if kind == "div":
+        if tcs[0] is None:  # scalar / tensor: zero maps to infinity
+            return np.full(size, ANY, np.int8)
+        out = states[0].copy() if states[0] is not None else np.full(size, ANY, np.int8)
+        if len(states) > 1 and states[1] is not None:
+            out[states[1] == ZERO] = ANY
+        return out
+    # add / sub
+    parts = [s if s is not None else np.full(size, ANY, np.int8) for s in states]
+    if any(isinstance(s, Number) and s != 0 for s in scalars):
+        parts.append(np.full(size, CONST, np.int8))
+    return state_add(parts)
+
+
+def _binary(kind: str):
+    def rule(ctx):
+        a = ctx.arg(0, "input")
+        b = ctx.arg(1, "other")
+        if kind == "rsub":
+            a, b = b, a
+        out = elementwise_channels(ctx, [a, b], "add" if kind in ("add", "rsub") else kind)
+        if kind == "div":
+            den = _tc(ctx, b)
+            if den is not None:
+                for t in den.dims:
+                    if t is not None and (t.state == ZERO).any():
+                        ctx.inexact(t, "a zeroed channel is a divisor")
+        return out
+
+    return rule
+
+
+_ADD = [operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub, torch.subtract]
+_MUL = [operator.mul, operator.imul, torch.mul, torch.multiply]
+_DIV = [operator.truediv, operator.itruediv, torch.div, torch.true_divide, torch.divide]
+register_function(*_ADD, name="add")(_binary("add"))
+register_method("add", "add_", "sub", "sub_", name="add")(_binary("add"))
+register_function(torch.rsub, name="add")(_binary("rsub"))
+register_function(*_MUL, name="mul")(_binary("mul"))
+register_method("mul", "mul_", name="mul")(_binary("mul"))
+register_function(*_DIV, name="div")(_binary("div"))
+register_method("div", "div_", "true_divide", name="div")(_binary("div"))
+
+
+@register_function(operator.pow, torch.pow, name="pow")
+@register_method("pow", name="pow")
+def _pow(ctx):
+    x = _tc(ctx, ctx.arg(0, "input"))
+    e = ctx.arg(1, "exponent")
+    if x is None or not isinstance(e, Number):
+        return ctx.unknown("power with a tensor exponent")
+    return x if e > 0 else x.map_state(state_const_map)
+
+
+@register_function(torch.clamp, torch.clip, name="clamp")
+@register_method("clamp", "clip", "clamp_", name="clamp")
+def _clamp(ctx):
+    x = _tc(ctx, ctx.arg(0, "input"))
+    lo = ctx.arg(1, "min", None)
+    hi = ctx.arg(2, "max", None)
+    if x is None or not all(v is None or isinstance(v, Number) for v in (lo, hi)):
+        return ctx.unknown("clamp with tensor bounds")
+    keeps_zero = (lo is None or lo <= 0) and (hi is None or hi >= 0)
+    return x if keeps_zero else x.map_state(state_const_map)
+
+
+# ============================================================================ concat / stack
+
+
+def cat_channels(ctx, tensors: Sequence[TensorChannels], dim: int, out_shape) -> TensorChannels:
+    d = norm_dim(dim, len(out_shape))
+    dims: List[Optional[Track]] = []
+    for k in range(len(out_shape)):
+        if k == d:
+            pieces = []
+            for t in tensors:
+                tr = t.dims[k]
+                if tr is None:  # a piece without channels: fill with frozen elements
+                    tr = ctx.fresh(t.shape[k], ANY)
+                    ctx.pin(tr, "concatenated with a tensor whose dimension carries no channels")
+                pieces.append(tr)
+            dims.append(Track.concat(pieces) if any(t.dims[k] is not None for t in tensors) else None)
+        else:
+            present = [t.dims[k] for t in tensors]
+            if any(p is not None for p in present) and out_shape[k] > 1:
+                ctx.unify(*present)
+                tracked = [p for p in present if p is not None]
+                dims.append(Track(tracked[0].units, state_add([p.state for p in tracked])))
+            else:
+                dims.append(None)
+    return TensorChannels(tuple(out_shape), dims)
+
+
+@register_function(torch.cat, torch.concat, getattr(torch, "concatenate", None), name="cat")
+def _cat(ctx):
+    tensors = [_tc(ctx, v) for v in ctx.arg(0, "tensors")]
+    if any(t is None for t in tensors):
+        return ctx.unknown("concatenation of non-tensor values")
+    return cat_channels(ctx, tensors, ctx.arg(1, "dim", 0), ctx.out_shape)
+
+
+@register_function(torch.stack, name="stack")
+def _stack(ctx):
+    tensors = [_tc(ctx, v) for v in ctx.arg(0, "tensors")]
+    if any(t is None for t in tensors):
+        return ctx.unknown("stack of non-tensor values")
+    out_shape = ctx.out_shape
+    d = norm_dim(ctx.arg(1, "dim", 0), len(out_shape))
+    expanded = [TensorChannels(t.shape[:d] + (1,) + t.shape[d:], t.dims[:d] + [None] + t.dims[d:]) for t in tensors]
+    return cat_channels(ctx, expanded, d, out_shape)
+
+
+# ============================================================================ split / chunk / index
+
+
+def _pieces(ctx, x: TensorChannels, dim: int, sizes: Sequence[int]) -> tuple:
+    d = norm_dim(dim, x.ndim)
+    out, start = [], 0
+    for s in sizes:
+        dims = list(x.dims)
+        if x.dims[d] is not None:
+            dims[d] = x.dims[d].take(slice(start, start + s))
+        shape = list(x.shape)
+        shape[d] = s
+        out.append(TensorChannels(tuple(shape), dims))
+        start += s
+    return tuple(out)
+
+
+def _out_sizes(ctx, dim: int) -> List[int]:
+    metas = ctx.node.meta.get("tensor_meta")
+    return [int(m.shape[dim]) for m in metas]
+
+
+def _rewrite_sections(rctx, arg_index: int, arg_name: str, to_split: bool) -> None:
+    """Recompute split sections (or turn chunk into split) when the split dim holds channels."""
+    x = rctx.ch(rctx.node.args[0])
+    dim = rctx.arg(2 if not to_split else 2, "dim", 0)
+    d = norm_dim(dim, x.ndim)
+    if x.dims[d] is None:
+        return
+    sizes = [rctx.new_shape(p)[d] for p in rctx.out_ch]
+    if to_split:
+        node = rctx.node
+        if node.op == "call_method":
+            node.target = "split"
+        else:
+            node.target = torch.split
+        node.args = (node.args[0], sizes, d)
+        node.kwargs = {}
+    else:
+        rctx.set_arg(arg_index, arg_name, sizes)
+
+
+@register_function(torch.split, name="split", rewrite=lambda r: _rewrite_sections(r, 1, "split_size_or_sections", False))
+@register_method("split", name="split", rewrite=lambda r: _rewrite_sections(r, 1, "split_size", False))
+def _split(ctx):
+    x = _tc(ctx, ctx.arg(0, "input"))
+    dim = ctx.arg(2, "dim", 0)
+    return _pieces(ctx, x, dim, _out_sizes(ctx, norm_dim(dim, x.ndim)))
+
+
+@register_function(torch.chunk, name="chunk", rewrite=lambda r: _rewrite_sections(r, 1, "chunks", True))
+@register_method("chunk", name="chunk", rewrite=lambda r: _rewrite_sections(r, 1, "chunks", True))
+def _chunk(ctx):
+    x = _tc(ctx, ctx.arg(0, "input"))
+    dim = ctx.arg(2, "dim", 0)
+    return _pieces(ctx, x, dim, _out_sizes(ctx, norm_dim(dim, x.ndim)))
+
+
+@register_function(torch.unbind, name="unbind")
+@register_method("unbind", name="unbind")
+def _unbind(ctx):
+    x = _tc(ctx, ctx.arg(0, "input"))
+    d = norm_dim(ctx.arg(1, "dim", 0), x.ndim)
+    ctx.pin(x.dims[d], "each channel is taken out by unbind")
+    dims = x.dims[:d] + x.dims[d + 1:]
+    shape = x.shape[:d] + x.shape[d + 1:]
+    return tuple(TensorChannels(shape, list(dims)) for _ in range(x.shape[d]))
+
+
+def _rewrite_narrow(rctx) -> None:
+    x = rctx.ch(rctx.node.args[0])
+    d = norm_dim(rctx.arg(1, "dim"), x.ndim)
+    t = x.dims[d]
+    start, length = rctx.arg(2, "start"), rctx.arg(3, "length")
+    if t is None or not isinstance(start, int) or not isinstance(length, int):
+        return
+    start = start % x.shape[d]
+    rctx.set_arg(2, "start", rctx.new_size(t.take(slice(0, start))))
+    rctx.set_arg(3, "length", rctx.new_size(t.take(slice(start, start + length))))
+
+
+@register_function(torch.narrow, name="narrow", rewrite=_rewrite_narrow)
+@register_method("narrow", name="narrow", rewrite=_rewrite_narrow)
+def _narrow(ctx):
+    x = _tc(ctx, ctx.arg(0, "input"))
+    d = norm_dim(ctx.arg(1, "dim"), x.ndim)
+    start, length = ctx.arg(2, "start"), ctx.arg(3, "length")
+    if not isinstance(start, int) or not isinstance(length, int):
+        ctx.pin(x.dims[d], "narrowed with computed bounds")
+        return TensorChannels(ctx.out_shape, [t if k != d else None for k, t in enumerate(x.dims)])
+    start = start % x.shape[d]
+    return _pieces(ctx, TensorChannels(x.shape, x.dims), d, [start, length, x.shape[d] - start - length])[1]
+
+
+def _index_plan(x: TensorChannels, idx) -> Optional[list]:
+    """Normalise a getitem index into per-source-dim actions, or None if unsupported."""
+    if not isinstance(idx, tuple):
+        idx = (idx,)
+    n_used = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    plan, d = [], 0
+    for i in idx:
+        if i is Ellipsis:
+            for _ in range(x.ndim - n_used):
+                plan.append(("keep", d, slice(None)))
+                d += 1
+        elif i is None:
+            plan.append(("new", None, None))
+        elif isinstance(i, slice):
+            plan.append(("slice", d, i))
+            d += 1
+        elif isinstance(i, int):
+            plan.append(("int", d, i))
+            d += 1
+        else:
+            plan.append(("tensor", d, i))
+            d += 1
+    while d < x.ndim:
+        plan.append(("keep", d, slice(None)))
+        d += 1
+    return plan
+
+
+def _getitem_tensor(ctx, x: TensorChannels, idx) -> TensorChannels:
+    plan = _index_plan(x, idx)
+    dims: List[Optional[Track]] = []
+    for kind, d, i in plan:
+        if kind == "new":
+            dims.append(None)
+        elif kind == "keep":
+            dims.append(x.dims[d])
+        elif kind == "slice":
+            t = x.dims[d]
+            if t is not None and not all(isinstance(v, (int, type(None))) for v in (i.start, i.stop, i.step)):
+                ctx.pin(t, "sliced with computed bounds")
+                t = None
+            if t is not None and i.step not in (None, 1):
+                ctx.pin(t, "strided slice over channels")
+                dims.append(None)
+            else:
+                dims.append(None if t is None else t.take(i))
+        elif kind == "int":
+            t = x.dims[d]
+            if t is not None:
+                if isinstance(i, int):
+                    ctx.pin(t.take([i]), "a single channel selected by index")
+                else:
+                    ctx.pin(t, "a channel selected by a computed index")
+        else:  # advanced indexing
+            if isinstance(i, torch.fx.Node) or isinstance(i, (list, torch.Tensor)):
+                if x.dims[d] is not None:
+                    ctx.pin(x.dims[d], "channels gathered by an index tensor")
+            return TensorChannels(ctx.out_shape, [None] * len(ctx.out_shape))
+    out_shape = ctx.out_shape
+    if len(dims) != len(out_shape):
+        return ctx.unknown("indexing fxprune cannot follow")
+    return TensorChannels(out_shape, dims)
+
+
+def _rewrite_getitem(rctx) -> None:
+    src = rctx.node.args[0]
+    x = rctx.ch(src)
+    if not isinstance(x, TensorChannels):
+        return
+    idx = rctx.node.args[1]
+    single = not isinstance(idx, tuple)
+    plan = _index_plan(x, idx)
+    new_idx = []
+    for kind, d, i in plan:
+        t = x.dims[d] if d is not None else None
+        if kind == "slice" and t is not None and all(isinstance(v, (int, type(None))) for v in (i.start, i.stop)):
+            n = x.shape[d]
+            start, stop, _ = i.indices(n)
+            new_start = rctx.new_size(t.take(slice(0, start))) if i.start is not None else None
+            new_stop = rctx.new_size(t.take(slice(0, stop))) if i.stop is not None else None
+            new_idx.append(slice(new_start, new_stop, i.step))
+        elif kind == "int" and t is not None and isinstance(i, int):
+            new_idx.append(rctx.new_size(t.take(slice(0, i % x.shape[d]))))
+        elif kind == "keep":
+            continue
+        else:
+            new_idx.append(i)
+    # re-insert the trailing/Ellipsis-expanded dims exactly as written by the user
+    if any(k == "keep" for k, _, _ in plan):
+        new_idx = _restore_keeps(idx, plan, new_idx)
+    rctx.node.args = (src, new_idx[0] if single and len(new_idx) == 1 else tuple(new_idx))
+
+
+def _restore_keeps(idx, plan, changed) -> list:
+    """Rebuild the index with the user's Ellipsis and omitted trailing dims."""
+    orig = idx if isinstance(idx, tuple) else (idx,)
+    it = iter(changed)
+    out = []
+    for i in orig:
+        out.append(i if i is Ellipsis else next(it))
+    return out
+
+
+@register_function(operator.getitem, name="getitem", rewrite=_rewrite_getitem)
+def _getitem(ctx):
+    src = ctx.arg(0)
+    idx = ctx.arg(1)
+    c = ctx.ch(src)
+    if isinstance(c, TensorChannels):
+        return _getitem_tensor(ctx, c, idx)
+    if isinstance(c, (list, tuple)) and isinstance(idx, int):
+        return c[idx]
+    if isinstance(c, (list, tuple)):
+        return ctx.unknown("slicing a tuple of tensors")
+    meta = ctx.node.meta.get("tensor_meta")
+    return ctx.out_untracked() if meta is not None else None
+
+
+@register_function(getattr, name="getattr")
+def _getattr(ctx):
+    name = ctx.arg(1)
+    x = _tc(ctx, ctx.arg(0))
+    if name in ("shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"):
+        return None
+    if name == "T" and x is not None:
+        return x.permute(list(reversed(range(x.ndim))))
+    if name in ("data",) and x is not None:
+        return x
+    return ctx.unknown(f"attribute {name!r} of a tensor")
+
+
+@register_method("size", "dim", "numel", "nelement", "stride", "element_size", "is_contiguous", name="metadata")
+@register_function(len, name="metadata")
+def _metadata(ctx):
+    return None
+
+
+# ============================================================================ reshapes
+
+
+def reshape_channels(ctx, x: TensorChannels, out_shape: Sequence[int]) -> TensorChannels:
+    """Map channels through a reshape by blocks of dims with equal products.
+
+    A channel dim split into several dims (``C -> (g, C/g)``) keeps its channels along one of
+    them (the carrier) and unifies positions along the others, so that pruning keeps the
+    split rectangular: this is what makes channel shuffles and head views prunable exactly.
+    """
+    out_shape = tuple(int(s) for s in out_shape)
+    dims: List[Optional[Track]] = [None] * len(out_shape)
+    for src, dst in reshape_blocks(x.shape, out_shape):
+        tracked = [d for d in src if x.dims[d] is not None]
+        if not tracked:
+            continue
+        if not dst:
+            for d in tracked:
+                ctx.pin(x.dims[d], "a channel dim of size 1 is dropped by a reshape")
+            continue
+        if len(tracked) > 1:
+            for d in tracked:
+                ctx.pin(x.dims[d], "a reshape merges two channel dimensions")
+            continue
+        d = tracked[0]
+        t = x.dims[d]
+        sizes = [x.shape[i] for i in src]
+        bshape = [1] * len(src)
+        bshape[src.index(d)] = sizes[src.index(d)]
+        units = np.broadcast_to(t.units.reshape(bshape), sizes).reshape(-1)
+        state = np.broadcast_to(t.state.reshape(bshape), sizes).reshape(-1)
+        osizes = [out_shape[j] for j in dst]
+        if len(dst) == 1:
+            dims[dst[0]] = Track(units.copy(), state.copy())
+            continue
+        U = units.reshape(osizes)
+        S = state.reshape(osizes)
+        cands = [k for k in range(len(dst)) if osizes[k] > 1]
+        rows = {k: np.moveaxis(U, k, 0).reshape(osizes[k], -1) for k in cands}
+        constant = [k for k in cands if (rows[k] == rows[k][:, :1]).all()]
+        carrier = max(constant or cands, key=lambda k: (osizes[k], k))
+        R = rows[carrier]
+        ctx.analysis.store.union(np.broadcast_to(R[:, :1], R.shape), R)
+        Sr = np.moveaxis(S, carrier, 0).reshape(osizes[carrier], -1)
+        dims[dst[carrier]] = Track(R[:, 0].copy(), Sr.max(axis=1).astype(np.int8))
+    return TensorChannels(out_shape, dims)
+
+
+def _rewrite_view_args(rctx) -> None:
+    """view/reshape(x, *sizes): every constant size of a channel dim is recomputed."""
+    node = rctx.node
+    out = rctx.out_ch
+    new = rctx.new_shape(out)
+    first = 1
+    if node.op == "call_function":  # torch.reshape(x, shape)
+        shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("shape")
+        packed = True
+    else:
+        packed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
+        shape = node.args[1] if packed else node.args[first:]
+    if shape is None:
+        return
+    fixed = list(shape)
+    for k, s in enumerate(fixed):
+        if isinstance(s, int) and s != -1 and out.dims[k] is not None:
+            fixed[k] = new[k]
+    if node.op == "call_function":
+        rctx.set_arg(1, "shape", type(shape)(fixed))
+    elif packed:
+        node.args = (node.args[0], type(shape)(fixed))
+    else:
+        node.args = (node.args[0], *fixed)
+
+
+@register_method("view", "reshape", name="reshape", rewrite=_rewrite_view_args)
+@register_function(torch.reshape, name="reshape", rewrite=_rewrite_view_args)
+def _reshape(ctx):
+    return reshape_channels(ctx, _tc(ctx, ctx.arg(0, "input")), ctx.out_shape)
+
+
+@register_method("view_as", "reshape_as", "flatten", "squeeze", "unsqueeze", "squeeze_", "unsqueeze_",
+                 name="reshape")
+@register_function(torch.flatten, torch.squeeze, torch.unsqueeze, name="reshape")
+def _reshape_dynamic(ctx):
+    return reshape_channels(ctx, _tc(ctx, ctx.arg(0, "input")), ctx.out_shape)
+
+
+@register_module(nn.Flatten, nn.Unflatten, name="reshape")
+def _reshape_module(ctx):
+    return reshape_channels(ctx, _tc(ctx, ctx.arg(0, "input")), ctx.out_shape)
+
+
+def _rewrite_unflatten(rctx) -> None:
+    node = rctx.node
+    sizes = rctx.arg(2, "sizes")
+    x = rctx.ch(node.args[0])
+    d = norm_dim(rctx.arg(1, "dim"), x.ndim)
+    if not isinstance(sizes, (list, tuple)) or x.dims[d] is None:
+        return
+    new = rctx.new_shape(rctx.out_ch)
+    fixed = [new[d + k] if (isinstance(s, int) and s != -1 and rctx.out_ch.dims[d + k] is not None) else s
+             for k, s in enumerate(sizes)]
+    rctx.set_arg(2, "sizes", type(sizes)(fixed))
+
+
+@register_method("unflatten", name="reshape", rewrite=_rewrite_unflatten)
+@register_function(torch.unflatten, name="reshape", rewrite=_rewrite_unflatten)
+def _unflatten(ctx):
+    return reshape_channels(ctx, _tc(ctx, ctx.arg(0, "input")), ctx.out_shape)
+
+
+def _permutation(ctx, x: TensorChannels) -> List[int]:
+    node = ctx.node
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if name == "permute":
+        order = node.args[1:] if node.op == "call_method" else [ctx.arg(1, "dims")]
+        if len(order) == 1 and isinstance(order[0], (list, tuple)):
+            order = order[0]
+        return [norm_dim(d, x.ndim) for d in order]
+    if name in ("transpose", "swapaxes", "swapdims"):
+        a, b = norm_dim(ctx.arg(1, "dim0"), x.ndim), norm_dim(ctx.arg(2, "dim1"), x.ndim)
+        order = list(range(x.ndim))
+        order[a], order[b] = order[b], order[a]
+        return order
+    if name == "t":
+        return list(reversed(range(x.ndim)))
+    if name in ("movedim", "moveaxis"):
+        src, dst = ctx.arg(1, "source"), ctx.arg(2, "destination")
+        src = [src] if isinstance(src, int) else list(src)
+        dst = [dst] if isinstance(dst, int) else list(dst)
+        src = [norm_dim(s, x.ndim) for s in src]
+        dst = [norm_dim(s, x.ndim) for s in dst]
+        rest = [d for d in range(x.ndim) if d not in src]
+        order = [None] * x.ndim
+        for s, t in zip(src, dst):
+            order[t] = s
+        it = iter(rest)
+        return [o if o is not None else next(it) for o in order]
+    raise ValueError(name)
+
+
+@register_method("permute", "transpose", "swapaxes", "swapdims", "t", "movedim", "moveaxis", name="permute")
+@register_function(torch.permute, torch.transpose, torch.swapaxes, torch.swapdims, torch.t, torch.movedim,
+                   torch.moveaxis, name="permute")
+def _permute(ctx):
+    x = _tc(ctx, ctx.arg(0, "input"))
+    return x.permute(_permutation(ctx, x))
+
+
+def _rewrite_expand(rctx) -> None:
+    node = rctx.node
+    out = rctx.out_ch
+    new = rctx.new_shape(out)
+    packed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
+    sizes = list(node.args[1] if packed else node.args[1:])
+    for k, s in enumerate(sizes):
+        if isinstance(s, int) and s != -1 and out.dims[k] is not None:
+            sizes[k] = new[k]
+    node.args = (node.args[0], type(node.args[1])(sizes)) if packed else (node.args[0], *sizes)
+
+
+@register_method("expand", name="expand", rewrite=_rewrite_expand)
+def _expand(ctx):
+    x = _tc(ctx, ctx.arg(0, "input"))
+    return _broadcast_to(ctx, x, ctx.out_shape)
+
+
+@register_method("expand_as", name="expand")
+@register_function(torch.broadcast_to, name="expand")
+def _expand_as(ctx):
+    return _broadcast_to(ctx, _tc(ctx, ctx.arg(0, "input")), ctx.out_shape)
+
+
+def _broadcast_to(ctx, x: TensorChannels, out_shape) -> TensorChannels:
+    offset = len(out_shape) - x.ndim
+    dims: List[Optional[Track]] = [None] * offset
+    for d, t in enumerate(x.dims):
+        if x.shape[d] == out_shape[d + offset]:
+            dims.append(t)
+        else:
+            ctx.pin(t, "a single channel broadcast over a dimension")
+            dims.append(None)
+    return TensorChannels(tuple(out_shape), dims)
+
+
+# ============================================================================ reductions
+
+
+_EXACT_IF_ZERO = {"sum", "nansum", "norm", "linalg_vector_norm"}
+
+
+def reduce_channels(ctx, x: TensorChannels, dims_arg, keepdim: bool, kind: str) -> TensorChannels:
+    """Reductions: over non-channel dims they pass channels through; over a channel dim a
+    sum or norm is exact when the removed channels are zero, anything else (mean, max, var)
+    changes when a channel is removed, so the channels are inexact."""
+    if dims_arg is None or (isinstance(dims_arg, (list, tuple)) and len(dims_arg) == 0):
+        reduced = list(range(x.ndim))
+    elif isinstance(dims_arg, int):
+        reduced = [norm_dim(dims_arg, x.ndim)]
+    else:
+        reduced = [norm_dim(d, x.ndim) for d in dims_arg]
+    for d in reduced:
+        t = x.dims[d]
+        if t is None:
+            continue
+        if kind in _EXACT_IF_ZERO:
+            ctx.require_zero(t, f"a {kind} over channels")
+        else:
+            ctx.inexact(t, f"a {kind} over channels changes when a channel is removed")
+    dims, shape = [], []
+    for d in range(x.ndim):
+        if d in reduced:
+            if keepdim:
+                dims.append(None)
+                shape.append(1)
+            continue
+        t = x.dims[d]
+        if t is not None and kind in ("logsumexp", "prod"):
+            t = Track(t.units, state_const_map(t.state))
+        dims.append(t)
+        shape.append(x.shape[d])
+    return TensorChannels(tuple(shape), dims)
+
+
+def _reduction(kind: str):
+    def rule(ctx):
+        x = _tc(ctx, ctx.arg(0, "input"))
+        dim = ctx.arg(1, "dim", None)
+        if kind in ("norm",):
+            dim = ctx.arg(2, "dim", None)
+            keep = ctx.arg(3, "keepdim", False)
+        else:
+            keep = ctx.arg(2, "keepdim", False)
+        out = reduce_channels(ctx, x, dim, keep, kind)
+        meta = ctx.node.meta.get("tensor_meta")
+        if isinstance(meta, (list, tuple)):  # (values, indices)
+            return (out, TensorChannels(out.shape, [None] * len(out.shape)))
+        return out
+
+    return rule
+
+
+for _kind, _fns, _methods in [
+    ("sum", [torch.sum, torch.nansum], ["sum", "nansum"]),
+    ("mean", [torch.mean, torch.nanmean], ["mean", "nanmean"]),
+    ("amax", [torch.amax, torch.max], ["amax", "max"]),
+    ("amin", [torch.amin, torch.min], ["amin", "min"]),
+    ("var", [torch.var, torch.std], ["var", "std"]),
+    ("logsumexp", [torch.logsumexp], ["logsumexp"]),
+    ("prod", [torch.prod], ["prod"]),
+    ("norm", [torch.norm], ["norm"]),
+]:
+    register_function(*_fns, name=_kind)(_reduction(_kind))
+    register_method(*_methods, name=_kind)(_reduction(_kind))
+
+
+# ============================================================================ matrix products
+
+
+@register_function(torch.matmul, operator.matmul, torch.bmm, torch.mm, name="matmul")
+@register_method("matmul", "bmm", "mm", name="matmul")
+def _matmul(ctx):
+    a = _tc(ctx, ctx.arg(0, "input"))
+    b = _tc(ctx, ctx.arg(1, "other"))
+    if a is None or b is None or a.ndim < 2 or b.ndim < 2:
+        return ctx.unknown("matrix product of vectors")
+    ka, kb = a.dims[-1], b.dims[-2]
+    if ka is not None or kb is not None:
+        ctx.unify(ka, kb, reason="contracted with a dimension that carries no channels")
+        if ka is not None and kb is not None:
+            ctx.require_zero(Track(ka.units, state_mul([ka.state, kb.state])), "a matrix product's contraction")
+    out_shape = ctx.out_shape
+    batch = len(out_shape) - 2
+    ab = TensorChannels(a.shape[:-2], a.dims[:-2])
+    bb = TensorChannels(b.shape[:-2], b.dims[:-2])
+    dims: List[Optional[Track]] = []
+    al = broadcast_dims([ab.shape, bb.shape], batch)
+    for d in range(batch):
+        present = [t.dims[s] for t, s in ((ab, al[0][d]), (bb, al[1][d])) if s is not None and t.shape[s] == out_shape[d]]
+        tracked = [p for p in present if p is not None]
+        if tracked and len(tracked) < len(present):
+            for p in tracked:
+                ctx.pin(p, "batched matrix product with a dimension that carries no channels")
+            dims.append(None)
+        elif tracked:
+            ctx.unify(*tracked)
+            dims.append(Track(tracked[0].units, state_mul([p.state for p in tracked])))
+        else:
+            dims.append(None)
+    dims += [a.dims[-2], b.dims[-1]]
+    return TensorChannels(tuple(out_shape), dims)

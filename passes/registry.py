@@ -1,0 +1,104 @@
+"""The op-semantics registry: the one place that says what every op does to channels.
+
+An entry (:class:`OpSpec`) is keyed by what a torch.fx node calls:
+
+* ``call_module``: the module class (looked up along the MRO, so subclasses inherit);
+* ``call_function``: the target callable (``torch.cat``, ``operator.add``, ``F.relu`` ...);
+* ``call_method``: the method name (``"view"``, ``"chunk"`` ...).
+
+Each entry has a ``rule`` that maps the channel tracks of the node's inputs to those of its
+output, links parameter dimensions to channels and states what a zeroed channel becomes
+(see :mod:`fxprune.passes.rule_context`), and optionally a ``rewrite`` that fixes the node
+after pruning: new module attributes (``in_channels``, ``num_features`` ...) or recomputed
+constant arguments (``view`` sizes, ``split`` sections ...). Ops without an entry freeze
+every channel they touch, with the node named in the reason.
+
+Users extend it with :func:`register_module`, :func:`register_function` or
+:func:`register_method`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, Optional, Union
+
+import torch.fx
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """Channel semantics of one op.
+
+    Attributes:
+        name: a short readable name (``"conv"``, ``"elementwise_add"``).
+        rule: ``rule(ctx) -> channels`` (see :class:`~fxprune.passes.rule_context.RuleContext`).
+        rewrite: ``rewrite(rctx) -> None``, fixes the node after pruning (optional).
+    """
+
+    name: str
+    rule: Callable
+    rewrite: Optional[Callable] = None
+
+
+class Registry:
+    def __init__(self):
+        self.modules: Dict[type, OpSpec] = {}
+        self.functions: Dict[object, OpSpec] = {}
+        self.methods: Dict[str, OpSpec] = {}
+
+    def lookup(self, node: torch.fx.Node, module: Optional[torch.nn.Module] = None) -> Optional[OpSpec]:
+        if node.op == "call_module":
+            for cls in type(module).__mro__:
+                if cls in self.modules:
+                    return self.modules[cls]
+            return None
+        if node.op == "call_function":
+            try:
+                return self.functions.get(node.target)
+            except TypeError:  # unhashable target
+                return None
+        if node.op == "call_method":
+            return self.methods.get(node.target)
+        return None
+
+    def __len__(self) -> int:
+        return len(self.modules) + len(self.functions) + len(self.methods)
+
+
+REGISTRY = Registry()
+
+Key = Union[type, object, str]
+
+
+def _register(table: dict, keys: Iterable[Key], spec: OpSpec) -> None:
+    for key in keys:
+        table[key] = spec
+
+
+def register_module(*classes: type, name: Optional[str] = None, rewrite: Optional[Callable] = None):
+    """Decorator: ``rule`` gives the channel semantics of modules of these classes."""
+
+    def deco(rule):
+        _register(REGISTRY.modules, classes, OpSpec(name or rule.__name__, rule, rewrite))
+        return rule
+
+    return deco
+
+
+def register_function(*targets, name: Optional[str] = None, rewrite: Optional[Callable] = None):
+    """Decorator: ``rule`` gives the channel semantics of ``call_function`` nodes of these targets."""
+
+    def deco(rule):
+        _register(REGISTRY.functions, [t for t in targets if t is not None], OpSpec(name or rule.__name__, rule, rewrite))
+        return rule
+
+    return deco
+
+
+def register_method(*names: str, name: Optional[str] = None, rewrite: Optional[Callable] = None):
+    """Decorator: ``rule`` gives the channel semantics of ``call_method`` nodes of these names."""
+
+    def deco(rule):
+        _register(REGISTRY.methods, names, OpSpec(name or rule.__name__, rule, rewrite))
+        return rule
+
+    return deco

@@ -1,0 +1,262 @@
+"""What an op rule sees and may do while the channel-deps pass walks the graph.
+
+A rule reads its node's arguments and their channel tracks, and answers with the channel
+tracks of the node's output. On the way it may
+
+* link parameter dimensions to channels (:meth:`RuleContext.param`), as producers
+  (``"out"``: a conv's weight rows, a BatchNorm's affine parameters) or consumers (``"in"``:
+  a conv's input columns, see :meth:`RuleContext.consume`);
+* unify positions that must be removed together (:meth:`RuleContext.unify`);
+* freeze channels (:meth:`RuleContext.pin`) or mark them inexact (:meth:`RuleContext.inexact`),
+  always with a reason that names the node.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+
+import numpy as np
+import torch
+import torch.fx
+
+from fxprune.errors import describe_node
+
+from .channels import ANY, CONST, ZERO, ElementStore, TensorChannels, Track, untracked
+
+_MISSING = object()
+
+
+@dataclass
+class ParamInfo:
+    """A parameter or buffer dimension linked to channels."""
+
+    track: Track
+    roles: Set[str] = field(default_factory=set)
+    default_role: bool = False
+    nodes: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Analysis:
+    """Everything the channel-deps walk learns; stored on ``gm.meta["fxprune"]``."""
+
+    store: ElementStore = field(default_factory=ElementStore)
+    channels: Dict[str, Any] = field(default_factory=dict)  # node name -> TensorChannels / nested
+    params: Dict[Tuple[str, int], ParamInfo] = field(default_factory=dict)
+    pins: List[Tuple[np.ndarray, str]] = field(default_factory=list)
+    inexact: List[Tuple[np.ndarray, str]] = field(default_factory=list)
+    specs: Dict[str, str] = field(default_factory=dict)  # node name -> op spec name ("" if none)
+    canonical: Dict[str, str] = field(default_factory=dict)  # tensor name -> first name of the same tensor
+
+
+class RuleContext:
+    """The interface between one node's rule and the analysis (see module docstring)."""
+
+    def __init__(self, analysis: Analysis, gm: torch.fx.GraphModule, node: torch.fx.Node):
+        self.analysis = analysis
+        self.gm = gm
+        self.node = node
+        self.module = gm.get_submodule(node.target) if node.op == "call_module" else None
+
+    # ----------------------------------------------------------------- reading the node
+    def arg(self, index: int, name: Optional[str] = None, default: Any = _MISSING) -> Any:
+        """Positional argument ``index`` or keyword ``name`` of the node."""
+        if index is not None and index < len(self.node.args):
+            return self.node.args[index]
+        if name is not None and name in self.node.kwargs:
+            return self.node.kwargs[name]
+        if default is _MISSING:
+            raise IndexError(f"{describe_node(self.node)} has no argument {name or index}")
+        return default
+
+    def ch(self, value: Any) -> Any:
+        """Channel tracks of an argument (TensorChannels, nested for tuples, None otherwise)."""
+        if isinstance(value, torch.fx.Node):
+            return self.analysis.channels.get(value.name)
+        if isinstance(value, (list, tuple)):
+            return type(value)(self.ch(v) for v in value)
+        return None
+
+    def tensor_args(self) -> List[TensorChannels]:
+        """Channel tracks of every tensor among the node's (flattened) arguments."""
+        out: List[TensorChannels] = []
+
+        def visit(v):
+            if isinstance(v, torch.fx.Node):
+                c = self.analysis.channels.get(v.name)
+                if isinstance(c, TensorChannels):
+                    out.append(c)
+                elif isinstance(c, (list, tuple)):
+                    for x in c:
+                        if isinstance(x, TensorChannels):
+                            out.append(x)
+            elif isinstance(v, (list, tuple)):
+                for x in v:
+                    visit(x)
+            elif isinstance(v, dict):
+                for x in v.values():
+                    visit(x)
+
+        visit(self.node.args)
+        visit(self.node.kwargs)
+        return out
+
+    @property
+    def out_shape(self) -> Tuple[int, ...]:
+        """Concrete shape of the node's (single tensor) output, from shape propagation."""
+        meta = self.node.meta.get("tensor_meta")
+        if meta is None or not hasattr(meta, "shape"):
+            raise ValueError(f"{describe_node(self.node)} has no single-tensor shape")
+        return tuple(int(s) for s in meta.shape)
+
+    def out_untracked(self) -> Any:
+        """An output with no channel tracks, shaped like the node's output."""
+        return _untracked_like(self.node.meta.get("tensor_meta"))
+
+    def where(self) -> str:
+        return describe_node(self.node)
+
+    # ----------------------------------------------------------------- elements
+    def fresh(self, n: int, state: int = ZERO) -> Track:
+        return Track(self.analysis.store.fresh(n), np.full(n, state, np.int8))
+
+    def unify(self, *tracks: Optional[Track], reason: str = "") -> None:
+        """Unify tracks position by position; a missing track freezes the others."""
+        present = [t for t in tracks if t is not None]
+        if len(present) < len(tracks):
+            for t in present:
+                self.pin(t, reason or "combined with a dimension that carries no channels")
+        for t in present[1:]:
+            if len(t) != len(present[0]):
+                raise ValueError(f"{self.where()}: cannot unify dims of size {len(present[0])} and {len(t)}")
+            self.analysis.store.union(present[0].units, t.units)
+
+    def pin(self, track: Optional[Track], reason: str) -> None:
+        """Freeze the channels of ``track`` (they are never pruned)."""
+        if track is not None and len(track):
+            self.analysis.pins.append((track.units.copy(), f"{reason} ({self.where()})"))
+
+    def inexact(self, track: Optional[Track], reason: str) -> None:
+        """Removing these channels would change the output (e.g. a LayerNorm over them)."""
+        if track is not None and len(track):
+            self.analysis.inexact.append((track.units.copy(), f"{reason} ({self.where()})"))
+
+    def pin_all(self, value: Any, reason: str) -> None:
+        for tc in _flatten_tc(value):
+            for t in tc.dims:
+                self.pin(t, reason)
+
+    def unknown(self, reason: str) -> Any:
+        """Freeze every channel the node touches; its output carries no channels."""
+        for tc in self.tensor_args():
+            for t in tc.dims:
+                self.pin(t, reason)
+        return self.out_untracked()
+
+    # ----------------------------------------------------------------- parameters
+    def param(self, attr: str, dim: int, role: str, *, qualified: bool = False) -> Optional[Track]:
+        """The track of dimension ``dim`` of a parameter or buffer, linked with ``role``.
+
+        ``attr`` is an attribute of the node's module (``"weight"``) unless ``qualified``.
+        Returns None if the module has no such tensor (``bias=False``).
+        """
+        name = attr if qualified else f"{self.node.target}.{attr}"
+        tensor = _get_tensor(self.gm, name)
+        if tensor is None:
+            return None
+        name = self.analysis.canonical.get(name, name)
+        return self._link(name, tensor, dim, role)
+
+    def _link(self, name: str, tensor: torch.Tensor, dim: int, role: str, default: bool = False) -> Track:
+        key = (name, dim % tensor.dim())
+        info = self.analysis.params.get(key)
+        if info is None:
+            n = tensor.shape[key[1]]
+            state = ZERO if role == "out" else CONST
+            info = ParamInfo(Track(self.analysis.store.fresh(n), np.full(n, state, np.int8), source=key))
+            self.analysis.params[key] = info
+        if default:
+            if not info.roles:
+                info.roles.add(role)
+                info.default_role = True
+        else:
+            if info.default_role:
+                info.roles.clear()
+                info.default_role = False
+            info.roles.add(role)
+        if self.node.name not in info.nodes:
+            info.nodes.append(self.node.name)
+        return info.track
+
+    def attr_channels(self, name: str, tensor: torch.Tensor) -> TensorChannels:
+        """Tracks for a tensor read by ``get_attr``: every dim of size > 1 is linked.
+
+        Parameters default to producers (zeroing them zeroes a product or a sum they join);
+        a later consumer use (``F.linear(x, w)``) turns a dim into a consumer.
+        """
+        is_param = isinstance(tensor, torch.nn.Parameter)
+        dims: List[Optional[Track]] = []
+        for d, size in enumerate(tensor.shape):
+            if size == 1:
+                dims.append(None)
+                continue
+            t = self._link(name, tensor, d, "out" if is_param else "buffer", default=True)
+            dims.append(Track(t.units, np.full(size, ZERO if is_param else CONST, np.int8), source=t.source))
+        return TensorChannels(tuple(tensor.shape), dims)
+
+    def consume(self, x: Optional[Track], w: Optional[Track], what: str = "") -> None:
+        """``w`` (a weight dim) reads channels ``x``: unify them, mark ``w`` a consumer, and
+        mark inexact every channel that does not reach it as exact zero."""
+        if w is not None and w.source is not None:
+            info = self.analysis.params[w.source]
+            if info.default_role:
+                info.roles.clear()
+                info.default_role = False
+            info.roles.add("in")
+        if x is None or w is None:
+            self.unify(x, w, reason="consumer of a dimension that carries no channels")
+            return
+        self.unify(x, w)
+        self.require_zero(x, what or "a consumer's input channels")
+
+    def require_zero(self, x: Optional[Track], what: str) -> None:
+        """Positions of ``x`` must be exactly zero when zeroed, or their channels are inexact."""
+        if x is None:
+            return
+        bad = x.state != ZERO
+        if bad.any():
+            kind = "a non-zero constant" if (x.state[bad] == CONST).all() else "an unknown value"
+            self.inexact(x.take(bad), f"a zeroed channel still holds {kind} where it reaches {what}")
+
+
+def _get_tensor(gm: torch.nn.Module, name: str) -> Optional[torch.Tensor]:
+    module_path, _, attr = name.rpartition(".")
+    try:
+        owner = gm.get_submodule(module_path) if module_path else gm
+    except AttributeError:
+        return None
+    t = getattr(owner, attr, None)
+    return t if isinstance(t, torch.Tensor) else None
+
+
+def _flatten_tc(value: Any) -> List[TensorChannels]:
+    if isinstance(value, TensorChannels):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [tc for v in value for tc in _flatten_tc(v)]
+    if isinstance(value, dict):
+        return [tc for v in value.values() for tc in _flatten_tc(v)]
+    return []
+
+
+def _untracked_like(meta: Any) -> Any:
+    if meta is None:
+        return None
+    if hasattr(meta, "shape") and hasattr(meta, "dtype"):
+        return untracked(meta.shape)
+    if isinstance(meta, (list, tuple)):
+        return type(meta)(_untracked_like(m) for m in meta) if not hasattr(meta, "_fields") else tuple(
+            _untracked_like(m) for m in meta)
+    if isinstance(meta, dict):
+        return {k: _untracked_like(v) for k, v in meta.items()}
+    return None

@@ -1,0 +1,93 @@
+"""Symbolic shapes: every channel dimension's size as a sympy expression in group sizes.
+
+A dimension that holds each channel of group ``g`` ``m`` times has size ``m*c_g`` (a
+flattened ``C x 7 x 7`` feature map: ``49*c3``); a concat adds terms (``c3 + c7``); a slice
+that takes part of a group's channels gets a symbol of its own for that subset. After
+pruning, substituting the kept counts gives the new size of every dimension, which is how the
+prune rewrite recomputes the constant arguments of ``view``, ``split``, slicing and the like.
+"""
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import sympy
+import torch.fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from .channels import TensorChannels, Track
+
+META_SHAPE = "fxprune.shape"
+
+
+class SymbolicShapes:
+    def __init__(self, group_of: np.ndarray, channel_of: np.ndarray, sizes: Sequence[int]):
+        """``group_of[e]``/``channel_of[e]``: group and channel of channel element ``e`` (-1: none);
+        ``sizes[g]``: number of channels of group ``g``."""
+        self.group_of = group_of
+        self.channel_of = channel_of
+        self.sizes = list(sizes)
+        self.full = [sympy.Symbol(f"c{g}", positive=True, integer=True) for g in range(len(self.sizes))]
+        self.subsets: Dict[sympy.Symbol, Tuple[int, np.ndarray]] = {}
+        self._subset_ids: Dict[Tuple[int, bytes], sympy.Symbol] = {}
+
+    def _subset(self, g: int, channels: np.ndarray) -> sympy.Symbol:
+        key = (g, channels.tobytes())
+        sym = self._subset_ids.get(key)
+        if sym is None:
+            sym = sympy.Symbol(f"c{g}_{len(self._subset_ids)}", positive=True, integer=True)
+            self._subset_ids[key] = sym
+            self.subsets[sym] = (g, channels)
+        return sym
+
+    def size(self, track: Optional[Track], concrete: int = 0) -> sympy.Expr:
+        """Size of a dimension: ``concrete`` if it carries no channels."""
+        if track is None:
+            return sympy.Integer(concrete)
+        g = self.group_of[track.units]
+        c = self.channel_of[track.units]
+        expr = sympy.Integer(int((g < 0).sum()))
+        for gid in np.unique(g[g >= 0]).tolist():
+            counts = np.bincount(c[g == gid], minlength=self.sizes[gid])
+            for m in np.unique(counts[counts > 0]).tolist():
+                chans = np.flatnonzero(counts == m)
+                sym = self.full[gid] if len(chans) == self.sizes[gid] else self._subset(gid, chans)
+                expr += m * sym
+        return expr
+
+    def shape(self, tc: TensorChannels) -> Tuple[sympy.Expr, ...]:
+        return tuple(self.size(t, s) for s, t in zip(tc.shape, tc.dims))
+
+    def values(self, keep: Mapping[int, np.ndarray]) -> Dict[sympy.Symbol, int]:
+        """Substitution for kept channels: ``keep[g]`` is a bool keep-mask (missing: all kept)."""
+        vals = {sym: int(np.asarray(keep[g]).sum()) if g in keep else self.sizes[g] for g, sym in enumerate(self.full)}
+        for sym, (g, chans) in self.subsets.items():
+            vals[sym] = int(np.asarray(keep[g])[chans].sum()) if g in keep else len(chans)
+        return vals
+
+    @staticmethod
+    def evaluate(expr: sympy.Expr, values: Mapping[sympy.Symbol, int]) -> int:
+        return int(expr.xreplace(values))
+
+
+class SymbolicShapesPass(PassBase):
+    """Attach ``node.meta["fxprune.shape"]``: each tensor's shape with channel dims as sympy
+    expressions in group sizes (``(1, c3 + c7, 56, 56)``)."""
+
+    name = "symbolic_shapes"
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        ca = gm.meta["fxprune"]
+        sym = SymbolicShapes(ca.index.group, ca.index.channel, [g.size for g in ca.groups])
+        ca.sym = sym
+        for node in gm.graph.nodes:
+            node.meta[META_SHAPE] = _map(ca.analysis.channels.get(node.name), sym)
+        return PassResult(gm, False)
+
+
+def _map(value, sym: SymbolicShapes):
+    if isinstance(value, TensorChannels):
+        return sym.shape(value)
+    if isinstance(value, (list, tuple)):
+        return tuple(_map(v, sym) for v in value)
+    return None

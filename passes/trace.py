@@ -1,0 +1,115 @@
+"""Front end: torch.fx symbolic tracing, with errors that say where and how to fix.
+
+The default tracer keeps torch.nn modules as leaves (as torch.fx does), plus modules whose
+forward depends on ``self.training`` at run time (torchvision's ``StochasticDepth``), so that
+the traced graph trains and evaluates like the model. Users add leaves by class or qualified
+name (``leaf_modules``), fix arguments (``concrete_args``), or pass a tracer of their own.
+"""
+from __future__ import annotations
+
+import linecache
+import math
+import os
+import traceback
+from typing import Any, Dict, Iterable, Optional, Tuple, Union
+
+import torch
+import torch.fx
+
+from fxprune.errors import TraceError
+
+
+def _default_leaves() -> Tuple[type, ...]:
+    leaves = []
+    try:
+        from torchvision.ops import StochasticDepth
+
+        leaves.append(StochasticDepth)
+    except Exception:  # torchvision is optional for tracing
+        pass
+    return tuple(leaves)
+
+
+class FxPruneTracer(torch.fx.Tracer):
+    """A :class:`torch.fx.Tracer` with user leaf modules and traceable error reports.
+
+    Args:
+        leaf_modules: module classes or qualified names kept as single ``call_module`` nodes
+            (fxprune freezes the channels they touch unless the registry knows the class).
+    """
+
+    def __init__(self, leaf_modules: Iterable[Union[type, str]] = (), **kwargs):
+        kwargs.setdefault("autowrap_modules", (math,))
+        super().__init__(**kwargs)
+        leaf_modules = tuple(leaf_modules)
+        self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type)) + _default_leaves()
+        self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaf_names or isinstance(m, self.leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as exc:
+            if not hasattr(exc, "_fxprune_module"):
+                try:
+                    exc._fxprune_module = (self.path_of_module(m), type(m).__qualname__)
+                except Exception:
+                    exc._fxprune_module = ("?", type(m).__qualname__)
+            raise
+
+
+def _user_frame(tb) -> Optional[traceback.FrameSummary]:
+    """Innermost frame of the traceback outside torch itself."""
+    import fxprune
+
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(__file__), os.path.dirname(fxprune.__file__))
+    frames = traceback.extract_tb(tb)
+    for fr in reversed(frames):
+        if not fr.filename.startswith(skip):
+            return fr
+    return frames[-1] if frames else None
+
+
+def trace(model: torch.nn.Module, *, leaf_modules: Iterable[Union[type, str]] = (),
+          concrete_args: Optional[Dict[str, Any]] = None, tracer: Optional[torch.fx.Tracer] = None
+          ) -> torch.fx.GraphModule:
+    """Symbolically trace ``model`` into a GraphModule that shares its parameters.
+
+    A ``torch.fx.GraphModule`` is returned as it is. Raises :class:`fxprune.TraceError`
+    naming the module path, the source line and the fixes when tracing fails.
+    """
+    if isinstance(model, torch.fx.GraphModule):
+        return model
+    tr = tracer if tracer is not None else FxPruneTracer(leaf_modules)
+    was_training = model.training
+    model.eval()  # Python branches on self.training are resolved as in inference
+    try:
+        graph = tr.trace(model, concrete_args=concrete_args)
+    except Exception as exc:
+        raise _trace_error(model, exc) from exc
+    finally:
+        model.train(was_training)
+    name = model.__class__.__name__
+    gm = torch.fx.GraphModule(tr.root, graph, name)
+    gm.train(was_training)
+    return gm
+
+
+def _trace_error(model: torch.nn.Module, exc: Exception) -> TraceError:
+    path, cls = getattr(exc, "_fxprune_module", ("", type(model).__qualname__))
+    fr = _user_frame(exc.__traceback__)
+    where = ""
+    if fr is not None:
+        code = (fr.line or linecache.getline(fr.filename, fr.lineno)).strip()
+        where = f" at {fr.filename}:{fr.lineno}: `{code}`"
+    module = f"module '{path}' ({cls})" if path else f"model {cls}"
+    return TraceError(
+        f"torch.fx cannot trace {module}{where}\n"
+        f"  reason: {type(exc).__name__}: {exc}\n"
+        f"  fix: keep that module opaque with fxprune.compile(..., leaf_modules=[{cls}]) (its channels are then "
+        f"frozen), fix the value that drives the branch with concrete_args={{'name': value}}, or pass a "
+        f"tracer of your own with tracer=...")
