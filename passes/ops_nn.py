@@ -9,7 +9,6 @@ channel becomes after the op (``relu(0) = 0``; ``sigmoid(0) = 0.5``). Each modul
 """
 from __future__ import annotations
 
-import math
 import operator
 from typing import Optional
 
@@ -83,21 +82,18 @@ def conv_channels(ctx, x: TensorChannels, w0: Optional[Track], w1: Optional[Trac
             store.union(np.repeat(g_units.units, per_in), xin.units)
         else:
             ctx.pin(g_units, "grouped convolution over an input that carries no channels")
-        w_out_track = out_w  # length c_out (conv) or per-group out (transposed dim 1)
         if transposed:
             # weight (C_in, C_out/groups, k): dim 0 is per input channel, dim 1 within a group
             if w0 is not None:
                 store.union(np.repeat(g_units.units, per_in), w0.units)
             if w1 is not None:
                 ctx.pin(w1, "output width inside a transposed-conv group")
-            w_out_track = None
         else:
             if w0 is not None:
                 store.union(np.repeat(g_units.units, per_out), w0.units)
             if w1 is not None and per_in > 1:
                 ctx.pin(w1, "input width inside a conv group")
         out = Track(np.repeat(g_units.units, per_out), np.full(c_out, ZERO, np.int8))
-        _ = w_out_track
     if bias is not None:
         if out is None:
             ctx.pin(bias, "bias of a conv whose output carries no channels")
@@ -130,12 +126,8 @@ def _rewrite_conv(rctx) -> None:
 def _conv_module(ctx):
     m = ctx.module
     transposed = isinstance(m, _CONV_TS)
-    if isinstance(m.padding, str) and m.padding != "valid" and m.padding_mode != "zeros":
-        pass
     w0 = ctx.param("weight", 0, "in" if transposed else "out")
     w1 = ctx.param("weight", 1, "out" if transposed else "in")
-    if transposed and m.groups > 1:
-        w0 = ctx.param("weight", 0, "in")
     bias = ctx.param("bias", 0, "out")
     return conv_channels(ctx, _x(ctx), w0, w1, bias, m.groups, transposed, ctx.out_shape)
 
@@ -252,8 +244,7 @@ def _rewrite_instancenorm(rctx) -> None:
 def _instancenorm(ctx):
     m = ctx.module
     x = _x(ctx)
-    d = _norm_channel_dim(ctx, x) if x.ndim > len(ctx.out_shape) - 1 else 0
-    d = 1 if x.ndim in (3, 4, 5) and (x.ndim - 2) == _spatial_rank(m) else 0
+    d = 1 if x.ndim - 2 == _spatial_rank(m) else 0  # batched (N, C, *) or unbatched (C, *)
     t = x.dims[d]
     params = [ctx.param(a, 0, "out") for a in ("weight", "bias")]
     bufs = [ctx.param(a, 0, "buffer") for a in ("running_mean", "running_var")]
@@ -264,8 +255,9 @@ def _instancenorm(ctx):
     return _with_dim(x, d, Track(t.units, _affine_state(m.affine, t, zero_maps_to_const=uses_stats)))
 
 
-def _spatial_rank(m: nn.Module) -> int:
-    name = type(m).__name__
+def _spatial_rank(op) -> int:
+    """1, 2 or 3 from an op's name (``MaxPool3d``, ``F.avg_pool1d``); 2 if it does not say."""
+    name = getattr(op, "__name__", None) or type(op).__name__
     for r in (1, 2, 3):
         if f"{r}d" in name:
             return r
@@ -339,8 +331,6 @@ def layernorm_channels(ctx, x: TensorChannels, n_norm: int, weight: Optional[Ten
         for p in ps:
             if p is not None:
                 ctx.unify(t, p)
-            elif x.shape[d] > 1 and (weight is not None or bias is not None):
-                pass
         ctx.inexact(t, "normalised together with other channels by a layer norm (its mean and variance change "
                        "when a channel is removed)")
         affine = weight is not None and bias is not None
@@ -567,14 +557,6 @@ def spatial_channels(ctx, x: TensorChannels, n_spatial: int) -> TensorChannels:
     return _keep_leading(x, out_shape, x.ndim - n_spatial)
 
 
-def _spatial_rank_from_name(obj) -> int:
-    name = getattr(obj, "__name__", type(obj).__name__)
-    for r in (1, 2, 3):
-        if f"{r}d" in name:
-            return r
-    return 2
-
-
 _POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
                  nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
                  nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d,
@@ -598,15 +580,14 @@ def _constant_pad(ctx):
 _POOL_FUNCTIONS = [F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
                    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
                    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.lp_pool1d, F.lp_pool2d, torch.max_pool1d,
-                   torch.max_pool2d, torch.max_pool3d, torch.avg_pool1d, torch.adaptive_avg_pool1d,
-                   torch.nn.functional.max_pool2d_with_indices if False else None]
+                   torch.max_pool2d, torch.max_pool3d, torch.avg_pool1d, torch.adaptive_avg_pool1d]
 
 
-@register_function(*[f for f in _POOL_FUNCTIONS if f is not None], name="pool")
+@register_function(*_POOL_FUNCTIONS, name="pool")
 def _pool_fn(ctx):
     if ctx.arg(None, "return_indices", False):
         return ctx.unknown("pooling that returns indices")
-    return spatial_channels(ctx, _x(ctx), _spatial_rank_from_name(ctx.node.target))
+    return spatial_channels(ctx, _x(ctx), _spatial_rank(ctx.node.target))
 
 
 @register_module(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, name="interpolate")
@@ -703,5 +684,3 @@ def _channel_shuffle(ctx):
 def _channel_shuffle_fn(ctx):
     return channel_shuffle_channels(ctx, _x(ctx), ctx.arg(1, "groups"))
 
-
-_ = math

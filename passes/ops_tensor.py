@@ -650,7 +650,7 @@ def _reduction(kind: str):
             keep = ctx.arg(2, "keepdim", False)
         out = reduce_channels(ctx, x, dim, keep, kind)
         meta = ctx.node.meta.get("tensor_meta")
-        if isinstance(meta, (list, tuple)):  # (values, indices)
+        if isinstance(meta, (list, tuple)) and not hasattr(meta, "shape"):  # (values, indices)
             return (out, TensorChannels(out.shape, [None] * len(out.shape)))
         return out
 
