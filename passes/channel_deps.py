@@ -138,23 +138,25 @@ def build_groups(gm: torch.fx.GraphModule, an: Analysis, allow_inexact: bool = F
     P = np.concatenate([np.arange(len(r), dtype=np.int64) for r in reps])
 
     # signature of each representative: the (param key, multiplicity) pairs it touches
-    order = np.lexsort((P, K, R))
-    R, K, P = R[order], K[order], P[order]
-    pair = np.stack([R, K], 1)
-    uniq, first_idx, counts = np.unique(pair, axis=0, return_index=True, return_counts=True)
-    sig: Dict[int, list] = defaultdict(list)
+    nk = len(keys)
+    code = R * nk + K
+    order = np.lexsort((P, code))
+    R, K, P, code = R[order], K[order], P[order], code[order]
+    ucode, first_idx, counts = np.unique(code, return_index=True, return_counts=True)
+    ur, uk = ucode // nk, ucode % nk
+    starts = np.flatnonzero(np.r_[True, ur[1:] != ur[:-1]])
+    ends = np.r_[starts[1:], len(ur)]
+    is_out = np.array([r == "out" for r in role_of])
+    has_out = np.logical_or.reduceat(is_out[uk], starts)
+    sig_code = uk * (int(counts.max()) + 1) + counts
     first_pos: Dict[int, Tuple[int, int]] = {}
-    for (r, k), fi, c in zip(uniq.tolist(), first_idx.tolist(), counts.tolist()):
-        sig[r].append((k, c))
-        if r not in first_pos:
-            first_pos[r] = (k, int(P[fi]))
-
     buckets: Dict[tuple, List[int]] = defaultdict(list)
-    for r, s in sig.items():
-        if not any(role_of[k] == "out" for k, _ in s):
+    for r, lo, hi, out in zip(ur[starts].tolist(), starts.tolist(), ends.tolist(), has_out.tolist()):
+        if not out:
             continue  # nothing to zero: never removed
-        flags = (pin_reason.get(r), inexact_reason.get(r) if r not in pin_reason else None)
-        buckets[(tuple(s), flags[0] is not None, flags[1] is not None)].append(r)
+        first_pos[r] = (int(uk[lo]), int(P[first_idx[lo]]))
+        pinned = r in pin_reason
+        buckets[(sig_code[lo:hi].tobytes(), pinned, not pinned and r in inexact_reason)].append(r)
 
     index = GroupIndex(an.store.count)
     entries = []
@@ -197,11 +199,13 @@ def build_groups(gm: torch.fx.GraphModule, an: Analysis, allow_inexact: bool = F
 
 
 def _first_reason(comp: np.ndarray, entries: List[Tuple[np.ndarray, str]]) -> Dict[int, str]:
-    out: Dict[int, str] = {}
-    for units, reason in entries:
-        for r in np.unique(comp[units]).tolist():
-            out.setdefault(r, reason)
-    return out
+    """Representative -> the first reason recorded for any of its elements."""
+    if not entries:
+        return {}
+    units = np.concatenate([u for u, _ in entries])
+    which = np.concatenate([np.full(len(u), i, np.int64) for i, (u, _) in enumerate(entries)])
+    reps, first = np.unique(comp[units], return_index=True)
+    return dict(zip(reps.tolist(), (entries[i][1] for i in which[first].tolist())))
 
 
 def _attach_nodes(gm: torch.fx.GraphModule, an: Analysis, groups: List[Group], index: GroupIndex) -> None:
