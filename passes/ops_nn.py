@@ -333,7 +333,7 @@ def layernorm_channels(ctx, x: TensorChannels, n_norm: int, weight: Optional[Ten
                 ctx.unify(t, p)
         ctx.inexact(t, "normalised together with other channels by a layer norm (its mean and variance change "
                        "when a channel is removed)")
-        affine = weight is not None and bias is not None
+        affine = weight is not None  # a zero scale zeroes the channel; its bias is zeroed with it
         dims[d] = Track(t.units, np.full(len(t), ZERO, np.int8) if affine else state_const_map(t.state))
     return TensorChannels(x.shape, dims)
 

@@ -126,6 +126,18 @@ def _pow(ctx):
     return x if e > 0 else x.map_state(state_const_map)
 
 
+@register_function(torch.roll, name="roll")
+@register_method("roll", name="roll")
+def _roll(ctx):
+    """A cyclic shift of spatial positions; rolling a channel dim would permute channels."""
+    x = _tc(ctx, ctx.arg(0, "input"))
+    dims = ctx.arg(2, "dims", None)
+    rolled = range(x.ndim) if dims is None else ([dims] if isinstance(dims, int) else dims)
+    for d in rolled:
+        ctx.pin(x.dims[norm_dim(d, x.ndim)], "channels rolled by torch.roll")
+    return x
+
+
 @register_function(torch.clamp, torch.clip, name="clamp")
 @register_method("clamp", "clip", "clamp_", name="clamp")
 def _clamp(ctx):
@@ -331,15 +343,24 @@ def _getitem_tensor(ctx, x: TensorChannels, idx) -> TensorChannels:
                     ctx.pin(t.take([i]), "a single channel selected by index")
                 else:
                     ctx.pin(t, "a channel selected by a computed index")
-        else:  # advanced indexing
-            if isinstance(i, torch.fx.Node) or isinstance(i, (list, torch.Tensor)):
-                if x.dims[d] is not None:
-                    ctx.pin(x.dims[d], "channels gathered by an index tensor")
-            return TensorChannels(ctx.out_shape, [None] * len(ctx.out_shape))
+        else:  # advanced indexing: only a single leading index tensor is followed
+            return _gather_leading(ctx, x, plan)
     out_shape = ctx.out_shape
     if len(dims) != len(out_shape):
         return ctx.unknown("indexing fxprune cannot follow")
     return TensorChannels(out_shape, dims)
+
+
+def _gather_leading(ctx, x: TensorChannels, plan) -> TensorChannels:
+    """``x[idx]`` (or ``x[idx, :, ...]``) with an index tensor: dim 0 is gathered, the other
+    dims keep their channels (a relative-position table's head dim, say)."""
+    rest = plan[1:]
+    if plan[0][0] != "tensor" or any(k != "keep" and not (k == "slice" and p == slice(None)) for k, _, p in rest):
+        return ctx.unknown("advanced indexing fxprune cannot follow")
+    ctx.pin(x.dims[0], "channels gathered by an index tensor")
+    out_shape = ctx.out_shape
+    n_lead = len(out_shape) - (x.ndim - 1)
+    return TensorChannels(out_shape, [None] * n_lead + list(x.dims[1:]))
 
 
 def _rewrite_getitem(rctx) -> None:
@@ -455,12 +476,25 @@ def reshape_channels(ctx, x: TensorChannels, out_shape: Sequence[int]) -> Tensor
         cands = [k for k in range(len(dst)) if osizes[k] > 1]
         rows = {k: np.moveaxis(U, k, 0).reshape(osizes[k], -1) for k in cands}
         constant = [k for k in cands if (rows[k] == rows[k][:, :1]).all()]
-        carrier = max(constant or cands, key=lambda k: (osizes[k], k))
+        carrier = _carrier(constant or cands, osizes, last=dst[-1] == len(out_shape) - 1)
         R = rows[carrier]
         ctx.analysis.store.union(np.broadcast_to(R[:, :1], R.shape), R)
         Sr = np.moveaxis(S, carrier, 0).reshape(osizes[carrier], -1)
         dims[dst[carrier]] = Track(R[:, 0].copy(), Sr.max(axis=1).astype(np.int8))
     return TensorChannels(out_shape, dims)
+
+
+def _carrier(cands: List[int], osizes: List[int], last: bool) -> int:
+    """Which of the dims a channel dim is split into keeps the channels.
+
+    A split of the last dim, ``(..., C) -> (..., H, D)``, is a head view: the channels go with
+    the heads (``H``), so a head is removed whole and the head width ``D`` -- and with it every
+    attention scale -- is unchanged. Any other split (``(C, H, W) -> (g, C/g, H, W)``, a channel
+    shuffle) keeps the channels on the largest factor, the finest exact choice.
+    """
+    if last and len(cands) > 1 and cands[-1] == len(osizes) - 1:
+        return cands[-2]
+    return max(cands, key=lambda k: (osizes[k], k))
 
 
 def _rewrite_view_args(rctx) -> None:
@@ -479,7 +513,10 @@ def _rewrite_view_args(rctx) -> None:
         return
     fixed = list(shape)
     for k, s in enumerate(fixed):
-        if isinstance(s, int) and s != -1 and out.dims[k] is not None:
+        if out.dims[k] is None or s == -1:
+            continue
+        if isinstance(s, int) or (isinstance(s, torch.fx.Node) and new[k] != out.shape[k]):
+            # a channel count, constant or read from another tensor's shape, is recomputed
             fixed[k] = new[k]
     if node.op == "call_function":
         rctx.set_arg(1, "shape", type(shape)(fixed))
