@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .channels import ZERO, TensorChannels, Track, norm_dim, state_const_map, state_mul
 from .registry import register_function, register_method, register_module
+from .trace import training_dependent_modules
 
 # ============================================================================ helpers
 
@@ -447,7 +448,7 @@ def _const_map(ctx):
     return x.map_state(state_const_map)
 
 
-register_module(*_ZERO_PRESERVING_MODULES, name="zero_preserving")(_zero_preserving)
+register_module(*_ZERO_PRESERVING_MODULES, *training_dependent_modules(), name="zero_preserving")(_zero_preserving)
 register_function(*_ZERO_PRESERVING_FUNCTIONS, name="zero_preserving")(_zero_preserving)
 register_method(*_ZERO_PRESERVING_METHODS, name="zero_preserving")(_zero_preserving)
 register_module(*_CONST_MODULES, name="const_map")(_const_map)

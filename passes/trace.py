@@ -19,13 +19,21 @@ import torch.fx
 from fxprune.errors import TraceError
 
 
-def _default_leaves() -> Tuple[type, ...]:
+def training_dependent_modules() -> Tuple[type, ...]:
+    """Modules whose forward branches on ``self.training`` (stochastic depth): kept as leaves so
+    the traced graph trains with them and evaluates without them."""
     leaves = []
     try:
         from torchvision.ops import StochasticDepth
 
         leaves.append(StochasticDepth)
-    except Exception:  # torchvision is optional for tracing
+    except ImportError:
+        pass
+    try:
+        from timm.layers import DropPath
+
+        leaves.append(DropPath)
+    except ImportError:
         pass
     return tuple(leaves)
 
@@ -42,7 +50,7 @@ class FxPruneTracer(torch.fx.Tracer):
         kwargs.setdefault("autowrap_modules", (math,))
         super().__init__(**kwargs)
         leaf_modules = tuple(leaf_modules)
-        self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type)) + _default_leaves()
+        self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type)) + training_dependent_modules()
         self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
