@@ -88,3 +88,73 @@ if hasattr(nn, "RMSNorm"):
         if m.weight is not None:
             w = TensorChannels(tuple(m.weight.shape), [ctx.param("weight", k, "out") for k in range(n)])
         return layernorm_channels(ctx, x, n, w, None)
+
+
+# ---------------------------------------------------------------------------- nn.MultiheadAttention
+
+
+def _rewrite_mha(rctx) -> None:
+    """After whole heads are removed the inner width no longer equals ``embed_dim``, which
+    ``nn.MultiheadAttention`` cannot express: swap in :class:`PrunedMultiheadAttention`."""
+    from fxprune.modules import PrunedMultiheadAttention
+
+    m = rctx.module
+    inner = m.in_proj_weight.shape[0] // 3
+    m.out_proj.in_features = inner
+    if isinstance(m, PrunedMultiheadAttention):
+        m.num_heads = inner // m.head_dim
+        return
+    if inner == m.embed_dim:
+        return
+    new = PrunedMultiheadAttention(m.embed_dim, inner // m.head_dim, m.head_dim, bias=m.in_proj_bias is not None,
+                                   dropout=m.dropout, batch_first=m.batch_first)
+    new.in_proj_weight = m.in_proj_weight
+    new.in_proj_bias = m.in_proj_bias
+    new.out_proj = m.out_proj
+    new.train(m.training)
+    rctx.gm.add_submodule(rctx.node.target, new)
+
+
+def _mha_modules():
+    from fxprune.modules import PrunedMultiheadAttention
+
+    return nn.MultiheadAttention, PrunedMultiheadAttention
+
+
+@register_module(*_mha_modules(), name="multihead_attention", rewrite=_rewrite_mha)
+def _mha(ctx):
+    """Heads of ``nn.MultiheadAttention``: head ``h`` owns rows ``h*D..(h+1)*D`` of each of the
+    q, k and v blocks of ``in_proj_weight`` (and bias) and the same columns of ``out_proj``."""
+    m = ctx.module
+    if not getattr(m, "_qkv_same_embed_dim", True) or getattr(m, "bias_k", None) is not None or getattr(
+            m, "add_zero_attn", False):
+        return ctx.unknown("nn.MultiheadAttention with separate k/v widths, bias_k/bias_v or add_zero_attn")
+    mask = ctx.ch(ctx.arg(5, "attn_mask", None))
+    if isinstance(mask, TensorChannels) and mask.ndim == 3:
+        return ctx.unknown("a per-head attention mask")
+    q, k, v = (_tc(ctx, ctx.arg(i, n)) for i, n in ((0, "query"), (1, "key"), (2, "value")))
+    d = m.head_dim
+    inner = m.in_proj_weight.shape[0] // 3
+    heads = ctx.fresh(inner // d)
+    store = ctx.analysis.store
+    head_of_row = (np.arange(3 * inner) % inner) // d
+    for attr in ("in_proj_weight", "in_proj_bias"):
+        t = ctx.param(attr, 0, "out")
+        if t is not None:
+            store.union(heads.units[head_of_row], t.units)
+    w_in = ctx.param("in_proj_weight", 1, "in")
+    for x in (q, k, v):
+        ctx.consume(x.dims[-1], w_in, f"the input projection of {ctx.node.name}")
+        for t in x.dims[:-1]:
+            ctx.pin(t, "positions mixed by attention")
+    out_cols = ctx.param("out_proj.weight", 1, "in")
+    store.union(heads.units[np.arange(inner) // d], out_cols.units)
+    w_out = ctx.param("out_proj.weight", 0, "out")
+    b_out = ctx.param("out_proj.bias", 0, "out")
+    if b_out is not None:
+        ctx.unify(w_out, b_out)
+    metas = ctx.node.meta["tensor_meta"]
+    out_shape = tuple(metas[0].shape)
+    out = TensorChannels(out_shape, [None] * (len(out_shape) - 1) + [Track(w_out.units, np.zeros(len(w_out), np.int8))])
+    weights = None if metas[1] is None else TensorChannels(tuple(metas[1].shape), [None] * len(metas[1].shape))
+    return (out, weights)
