@@ -35,7 +35,7 @@ def __getattr__(name):  # optional parts load on first use
 
         return getattr(io, name)
     if name == "testing":
-        from . import testing
+        import importlib
 
-        return testing
+        return importlib.import_module(".testing", __name__)
     raise AttributeError(f"module 'fxprune' has no attribute {name!r}")

@@ -11,7 +11,17 @@ import torch.fx
 from torch.utils._pytree import tree_flatten
 
 from .errors import FxPruneError, UnsupportedInputError, VerificationError
-from .ir import Group
+from .ir import Erasable, Group
+
+MODES = ("prune", "erase")
+
+
+def _modes(mode: Any) -> tuple:
+    """``"prune"``, ``"erase"`` or a tuple of them -> a tuple in canonical order."""
+    given = (mode,) if isinstance(mode, str) else tuple(mode) if isinstance(mode, (tuple, list)) else None
+    if not given or any(m not in MODES for m in given):
+        raise UnsupportedInputError(f"mode must be 'prune', 'erase' or ('prune', 'erase'), not {mode!r}")
+    return tuple(m for m in MODES if m in given)
 
 
 def _normalize_inputs(model: torch.nn.Module, example_inputs: Any) -> tuple:
@@ -35,22 +45,37 @@ def _normalize_inputs(model: torch.nn.Module, example_inputs: Any) -> tuple:
         f"not {type(example_inputs).__name__}")
 
 
-def compile(model: torch.nn.Module, example_inputs: Any, *, mode: str = "prune",
+def _check_arity(model: torch.nn.Module, inputs: tuple, concrete_args) -> None:
+    params = list(inspect.signature(model.forward).parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return
+    free = [p for p in params if p.name not in (concrete_args or {})]
+    if len(inputs) > len(free):
+        raise UnsupportedInputError(
+            f"{len(inputs)} example inputs given, but {type(model).__name__}.forward takes {len(free)} "
+            f"({', '.join(p.name for p in free)})")
+
+
+def compile(model: torch.nn.Module, example_inputs: Any, *, mode: Union[str, Sequence[str]] = "prune",
             leaf_modules: Iterable[Union[type, str]] = (), concrete_args: Optional[Dict[str, Any]] = None,
             tracer: Optional[torch.fx.Tracer] = None, allow_inexact: bool = False,
-            pipeline=None) -> "Program":
+            frontend: str = "auto", pipeline=None) -> "Program":
     """Trace ``model`` and find its zero-invariant groups.
 
     Args:
         model: any ``nn.Module`` torch.fx can trace (or a ``torch.fx.GraphModule``).
         example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs;
             used for shape propagation and to verify the slim model.
-        mode: ``"prune"`` (channel groups).
+        mode: ``"prune"`` (channel groups), ``"erase"`` (erasable operators, OTOv3) or
+            ``("prune", "erase")`` (both: whole operators erased, channels pruned in the rest).
         leaf_modules: module classes or qualified names kept opaque by the tracer.
         concrete_args: arguments fixed at trace time (``torch.fx.Tracer.trace``).
         tracer: a ``torch.fx.Tracer`` of your own.
         allow_inexact: let groups that are not zero-invariant (e.g. normalised by a LayerNorm)
             be pruned; their slim model then differs from the full one.
+        frontend: ``"fx"`` (symbolic tracing: module-level graph, readable code), ``"export"``
+            (``torch.export``, ATen-level graph) or ``"auto"``: symbolic tracing, and
+            ``torch.export`` when tracing fails.
         pipeline: a :class:`fxprune.passes.Pipeline` to run instead of the default.
 
     Returns:
@@ -60,23 +85,42 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, mode: str = "prune",
         fxprune.TraceError: symbolic tracing failed (names module, source line and fixes).
         fxprune.UnsupportedInputError: bad ``example_inputs`` or options.
     """
-    from fxprune.passes import Pipeline, trace
+    from fxprune.passes import Pipeline
 
-    if mode not in ("prune",):
-        raise UnsupportedInputError(f"mode must be 'prune', not {mode!r}")
+    modes = _modes(mode)
     if not isinstance(model, torch.nn.Module):
         raise UnsupportedInputError(f"model must be a torch.nn.Module, not {type(model).__name__}")
     inputs = _normalize_inputs(model, example_inputs)
-    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, tracer=tracer)
-    if concrete_args:
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        if len(inputs) > len(placeholders):
-            names = list(inspect.signature(model.forward).parameters)
-            inputs = tuple(x for name, x in zip(names, inputs) if name not in concrete_args)
+    _check_arity(model, inputs, concrete_args)
+    gm = _front_end(model, inputs, frontend, leaf_modules=leaf_modules, concrete_args=concrete_args, tracer=tracer)
     pipe = pipeline if pipeline is not None else Pipeline.default(inputs, allow_inexact=allow_inexact)
+    if "erase" in modes and "erasable" not in pipe.names():
+        from fxprune.passes.erasable import ErasablePass
+
+        pipe.append(ErasablePass(inputs))
     gm = pipe.run(gm)
-    return Program(gm, inputs, pipe, model=model, trace_options=dict(
+    return Program(gm, inputs, pipe, model=model, modes=modes, trace_options=dict(
         leaf_modules=tuple(leaf_modules), concrete_args=concrete_args, tracer=tracer))
+
+
+def _front_end(model, inputs, frontend: str, **trace_kwargs) -> torch.fx.GraphModule:
+    from fxprune.passes import export, trace
+
+    from .errors import TraceError
+
+    if frontend not in ("auto", "fx", "export"):
+        raise UnsupportedInputError(f"frontend must be 'auto', 'fx' or 'export', not {frontend!r}")
+    if frontend == "export":
+        return export(model, inputs)
+    try:
+        return trace(model, **trace_kwargs)
+    except TraceError as fx_error:
+        if frontend == "fx" or trace_kwargs.get("tracer") is not None:
+            raise
+        try:
+            return export(model, inputs)
+        except TraceError as export_error:
+            raise TraceError(f"{fx_error}\n\nThe torch.export front end failed too: {export_error}") from fx_error
 
 
 class Program:
@@ -88,11 +132,13 @@ class Program:
         groups: list of :class:`fxprune.Group`, in order of first appearance.
         example_inputs: the normalised example inputs (a tuple).
         pipeline: the passes that produced the analyses.
+        modes: ``("prune",)``, ``("erase",)`` or ``("prune", "erase")``.
     """
 
     def __init__(self, module: torch.fx.GraphModule, example_inputs: tuple, pipeline, *, model=None,
-                 trace_options=None):
+                 trace_options=None, modes: Sequence[str] = ("prune",)):
         self.module = module
+        self.modes = _modes(modes)
         self.example_inputs = example_inputs
         self.pipeline = pipeline
         self._model = model
@@ -118,15 +164,72 @@ class Program:
     def group(self, gid: int) -> Group:
         return self.groups[gid]
 
+    # ------------------------------------------------------------------ erasable operators
+    @property
+    def erasables(self) -> List[Erasable]:
+        """The erasable operators (OTOv3) found by the erasable pass (mode ``"erase"``)."""
+        return self.module.meta.get("fxprune.erasables", [])
+
+    @property
+    def erase_graph(self):
+        """The :class:`fxprune.passes.erasable.EraseGraph`: checks and plans erasures."""
+        from fxprune.passes.erasable import erase_graph
+
+        return erase_graph(self.module)
+
+    def erasable(self, eid: int) -> Erasable:
+        return self.erasables[eid]
+
+    @torch.no_grad()
+    def zero_erasables(self) -> List[int]:
+        """Ids of the erasables whose parameters (and ``slices``) are all exactly zero."""
+        def zero(e: Erasable) -> bool:
+            if any(self._tensor(p).detach().any() for p in e.params):
+                return False
+            for s in e.slices:
+                t = self._tensor(s.param).detach()
+                if t.index_select(s.dim, s.index.to(t.device)).any():
+                    return False
+            return True
+
+        return [e.id for e in self.erasables if zero(e)]
+
+    def _erase_set(self) -> List[int]:
+        """A valid set of zero erasables to erase: all of them if valid, else a greedy subset
+        (largest first); a zero erasable left in place changes nothing."""
+        zero = self.zero_erasables()
+        if not zero:
+            return []
+        eg = self.erase_graph
+        if eg.plan(zero).valid:
+            return zero
+        chosen: List[int] = []
+        for eid in sorted(zero, key=lambda i: (-len(eg.units[i]), i)):
+            if eid in eg.closure(chosen):
+                continue
+            if eg.plan(chosen + [eid]).valid:
+                chosen.append(eid)
+        return sorted(eg.closure(chosen))
+
     def _tensor(self, name: str) -> torch.Tensor:
         path, _, attr = name.rpartition(".")
         return getattr(self.module.get_submodule(path) if path else self.module, attr)
 
     @torch.no_grad()
-    def zero_(self, masks: Mapping[int, Any]) -> None:
+    def zero_(self, masks: Optional[Mapping[int, Any]] = None, erasables: Iterable[int] = ()) -> None:
         """Zero chosen channels: ``masks[group_id]`` is a bool keep-mask of length ``size``
-        (False = zero that channel in every producer slice of the group)."""
-        for gid, keep in masks.items():
+        (False = zero that channel in every producer slice of the group); and chosen erasable
+        operators: every parameter of ``erasables[i]`` and its ``slices``."""
+        for eid in erasables:
+            e = self.erasables[eid]
+            for p in e.params:
+                self._tensor(p).zero_()
+            for s in e.slices:
+                t = self._tensor(s.param)
+                t.index_fill_(s.dim, s.index.to(t.device), 0)
+        for gid, keep in (masks or {}).items():
+            if not isinstance(gid, (int, np.integer)) or not 0 <= gid < len(self.groups):
+                raise UnsupportedInputError(f"no group {gid!r}: group ids run from 0 to {len(self.groups) - 1}")
             g = self.groups[gid]
             keep = torch.as_tensor(np.asarray(keep, dtype=bool))
             if keep.shape != (g.size,):
@@ -153,7 +256,9 @@ class Program:
         return out
 
     def construct_subnet(self, verify: bool = True, rtol: float = 1e-4) -> torch.fx.GraphModule:
-        """Build the slim model: every channel zero in all its group's producer slices is removed.
+        """Build the slim model: every channel zero in all its group's producer slices is removed
+        (mode ``"prune"``); every erasable operator whose parameters are all zero is deleted, its
+        joins folded (mode ``"erase"``, see :func:`fxprune.passes.erase_rewrite.erase_rewrite`).
 
         Returns a new ``torch.fx.GraphModule`` with regenerated code; the program and the
         user's model are left untouched. With ``verify`` (default) the slim model's outputs
@@ -163,8 +268,15 @@ class Program:
         """
         from fxprune.passes import prune_rewrite
 
-        keep = {gid: ~zero for gid, zero in self.zero_channels().items() if zero.any()}
-        slim = prune_rewrite(self.module, keep)
+        keep = {}
+        if "prune" in self.modes:
+            keep = {gid: ~zero for gid, zero in self.zero_channels().items() if zero.any()}
+        if "erase" in self.modes:
+            from fxprune.passes.erase_rewrite import erase_rewrite
+
+            slim = erase_rewrite(self.module, self._erase_set(), keep)
+        else:
+            slim = prune_rewrite(self.module, keep)
         slim.train(self.module.training)
         if verify:
             diff, scale = max_output_difference(self.module, slim, self.example_inputs)
@@ -210,11 +322,15 @@ class Program:
                  f"({len(self.prunable_groups)} prunable, {sum(g.size for g in self.prunable_groups)} channels)"]
         for g in self.groups:
             lines.append("  " + repr(g))
+        if "erase" in self.modes:
+            lines.append(f"{len(self.erasables)} erasable operators")
+            lines += ["  " + repr(e) for e in self.erasables]
         return "\n".join(lines)
 
     def __repr__(self) -> str:
+        extra = f", erasables={len(self.erasables)}" if "erase" in self.modes else ""
         return (f"Program({type(self.module).__name__}, groups={len(self.groups)}, "
-                f"prunable={len(self.prunable_groups)})")
+                f"prunable={len(self.prunable_groups)}{extra})")
 
 
 def _run(module: torch.nn.Module, inputs: Sequence) -> list:

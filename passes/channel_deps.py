@@ -8,6 +8,7 @@ parameter slices (same parameters, dims and multiplicities) form one :class:`Gro
 """
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -21,9 +22,10 @@ from fxprune.ir import Group, Slice
 
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from .channels import TensorChannels
+from .channels import ZERO, TensorChannels
 from .op_semantics import META_SPEC
 from .registry import REGISTRY, Registry
+from .size_flow import follow_sizes
 from .rule_context import Analysis, RuleContext, _flatten_tc, _get_tensor
 
 META_CHANNELS = "fxprune.channels"
@@ -57,6 +59,7 @@ def walk(gm: torch.fx.GraphModule, registry: Registry = REGISTRY) -> Analysis:
             out = None
         else:
             spec = node.meta[META_SPEC] if META_SPEC in node.meta else registry.lookup(node, ctx.module)
+            follow_sizes(ctx, spec.name if spec is not None else "")
             if spec is None:
                 out = ctx.unknown(f"op without channel semantics ({_op_name(node, ctx.module)})")
             else:
@@ -66,10 +69,56 @@ def walk(gm: torch.fx.GraphModule, registry: Registry = REGISTRY) -> Analysis:
                     _check_shapes(node, out)
                 except Exception as exc:  # a rule that cannot follow this use freezes, never guesses
                     out = ctx.unknown(f"channel rule '{spec.name}' cannot follow this use: {exc}")
+                if not spec.selects:
+                    _freeze_unaccounted(ctx, out, spec.name)
+                _note_state_changes(ctx, out)
         node.meta[META_OP] = spec_name
         an.specs[node.name] = spec_name
         an.channels[node.name] = out
     return an
+
+
+def _freeze_unaccounted(ctx: RuleContext, out: Any, spec_name: str) -> None:
+    """Channels that enter a node and neither leave it nor were linked, checked or frozen by
+    its rule would be removed with nobody fixing this op: freeze them instead."""
+    inputs = [t.units for tc in ctx.tensor_args() for t in tc.dims if t is not None]
+    if not inputs:
+        return
+    kept = [t.units for tc in _flatten_tc(out) for t in tc.dims if t is not None] + ctx.touched
+    lost = np.setdiff1d(np.concatenate(inputs), np.concatenate(kept) if kept else np.empty(0, np.int64))
+    if len(lost):
+        ctx.analysis.pins.append((lost, f"channels dropped by rule '{spec_name}' ({ctx.where()})"))
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _is_inplace(node: torch.fx.Node, module) -> bool:
+    if node.op == "call_method":
+        return node.target.endswith("_") and node.target != "requires_grad_"
+    if node.op == "call_function":
+        return node.target in _INPLACE_OPERATORS or getattr(node.target, "__name__", "").endswith("_") or bool(
+            node.kwargs.get("inplace"))
+    return bool(getattr(module, "inplace", False))
+
+
+def _note_state_changes(ctx: RuleContext, out: Any) -> None:
+    """Remember which node first turns a zeroed channel into a non-zero value (for reasons), and
+    freeze channels an in-place op changes behind the graph's back: later users of the mutated
+    input read the new value, not the one the analysis saw."""
+    ins = [t for tc in ctx.tensor_args()[:1] for t in tc.dims if t is not None]
+    outs = [t for tc in _flatten_tc(out) for t in tc.dims if t is not None]
+    if not ins or not outs:
+        return
+    zero_in = np.unique(np.concatenate([t.units[t.state == ZERO] for t in ins]))
+    for t in outs:
+        became = t.units[(t.state != ZERO) & np.isin(t.units, zero_in)]
+        for e in became.tolist():
+            ctx.analysis.const_origin.setdefault(e, ctx.where())
+        if len(became) and _is_inplace(ctx.node, ctx.module):
+            for tin in ins:
+                ctx.pin(tin, "changed in place by an op that does not keep zeros at zero")
+            return
 
 
 def _channels_of(an: Analysis, v: Any) -> Any:

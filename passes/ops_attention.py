@@ -136,19 +136,18 @@ def _mha(ctx):
     d = m.head_dim
     inner = m.in_proj_weight.shape[0] // 3
     heads = ctx.fresh(inner // d)
-    store = ctx.analysis.store
     head_of_row = (np.arange(3 * inner) % inner) // d
     for attr in ("in_proj_weight", "in_proj_bias"):
         t = ctx.param(attr, 0, "out")
         if t is not None:
-            store.union(heads.units[head_of_row], t.units)
+            ctx.union(heads.units[head_of_row], t.units)
     w_in = ctx.param("in_proj_weight", 1, "in")
     for x in (q, k, v):
         ctx.consume(x.dims[-1], w_in, f"the input projection of {ctx.node.name}")
         for t in x.dims[:-1]:
             ctx.pin(t, "positions mixed by attention")
     out_cols = ctx.param("out_proj.weight", 1, "in")
-    store.union(heads.units[np.arange(inner) // d], out_cols.units)
+    ctx.union(heads.units[np.arange(inner) // d], out_cols.units)
     w_out = ctx.param("out_proj.weight", 0, "out")
     b_out = ctx.param("out_proj.bias", 0, "out")
     if b_out is not None:

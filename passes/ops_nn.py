@@ -77,21 +77,20 @@ def conv_channels(ctx, x: TensorChannels, w0: Optional[Track], w1: Optional[Trac
         per_in = c_in // groups
         per_out = c_out // groups
         g_units = ctx.fresh(groups)
-        store = ctx.analysis.store
         if xin is not None:
             ctx.require_zero(xin, f"the input channels of {ctx.node.name}")
-            store.union(np.repeat(g_units.units, per_in), xin.units)
+            ctx.union(np.repeat(g_units.units, per_in), xin.units)
         else:
             ctx.pin(g_units, "grouped convolution over an input that carries no channels")
         if transposed:
             # weight (C_in, C_out/groups, k): dim 0 is per input channel, dim 1 within a group
             if w0 is not None:
-                store.union(np.repeat(g_units.units, per_in), w0.units)
+                ctx.union(np.repeat(g_units.units, per_in), w0.units)
             if w1 is not None:
                 ctx.pin(w1, "output width inside a transposed-conv group")
         else:
             if w0 is not None:
-                store.union(np.repeat(g_units.units, per_out), w0.units)
+                ctx.union(np.repeat(g_units.units, per_out), w0.units)
             if w1 is not None and per_in > 1:
                 ctx.pin(w1, "input width inside a conv group")
         out = Track(np.repeat(g_units.units, per_out), np.full(c_out, ZERO, np.int8))
@@ -138,7 +137,7 @@ def _functional_conv(transposed: bool):
         x = _x(ctx)
         w = ctx.ch(ctx.arg(1, "weight"))
         b = ctx.ch(ctx.arg(2, "bias", None))
-        groups = ctx.arg(7 if transposed else 6, "groups", 1)
+        groups = ctx.arg(6, "groups", 1)
         if not isinstance(w, TensorChannels) or not isinstance(groups, int):
             return ctx.unknown("convolution with a computed weight or group count")
         bias = b.dims[0] if isinstance(b, TensorChannels) else None
@@ -283,7 +282,7 @@ def groupnorm_channels(ctx, x: TensorChannels, num_groups: int, weight, bias) ->
             ctx.pin(p, "group norm over an input that carries no channels")
         return x
     per = c // num_groups
-    ctx.analysis.store.union(np.repeat(g_units.units, per), t.units)
+    ctx.union(np.repeat(g_units.units, per), t.units)
     for p in (weight, bias):
         if p is not None:
             ctx.unify(t, p)
@@ -321,6 +320,10 @@ def layernorm_channels(ctx, x: TensorChannels, n_norm: int, weight: Optional[Ten
     """LayerNorm over the last ``n_norm`` dims: channels there are normalised together, so
     removing one (even a zero one) changes the others' statistics: inexact."""
     dims = list(x.dims)
+    if bias is not None:  # a zeroed channel outside the normalised dims comes out as the bias
+        for d in range(x.ndim - n_norm):
+            if dims[d] is not None:
+                dims[d] = Track(dims[d].units, state_const_map(dims[d].state))
     for k in range(n_norm):
         d = x.ndim - n_norm + k
         t = x.dims[d]
@@ -380,6 +383,33 @@ def _rewrite_layernorm_fn(rctx) -> None:
     shape = rctx.arg(1, "normalized_shape")
     if isinstance(shape, (list, tuple)) and all(isinstance(s, int) for s in shape):
         rctx.set_arg(1, "normalized_shape", type(shape)(rctx.new_shape(x)[-len(shape):]))
+
+
+@register_function(F.instance_norm, name="instance_norm")
+def _instancenorm_fn(ctx):
+    x = _x(ctx)
+    tracks = []
+    for i, name in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")):
+        v = ctx.ch(ctx.arg(i, name, None))
+        tracks.append(v.dims[0] if isinstance(v, TensorChannels) else None)
+    t = x.dims[1]
+    ctx.unify(t, *[p for p in tracks if p is not None])
+    if t is None:
+        return x
+    uses_stats = tracks[0] is not None and not ctx.arg(5, "use_input_stats", True)
+    return _with_dim(x, 1, Track(t.units, _affine_state(tracks[2] is not None, t, zero_maps_to_const=uses_stats)))
+
+
+@register_function(F.embedding, name="embedding")
+def _embedding_fn(ctx):
+    idx = _x(ctx)
+    w = ctx.ch(ctx.arg(1, "weight"))
+    if not isinstance(w, TensorChannels) or w.ndim != 2:
+        return ctx.unknown("embedding of a computed table")
+    ctx.pin(w.dims[0], "embedding rows are addressed by token index")
+    col = w.dims[1]
+    out = None if col is None else Track(col.units, np.full(len(col), ZERO, np.int8))
+    return TensorChannels(ctx.out_shape, list(idx.dims) + [out])
 
 
 @register_function(F.batch_norm, name="batch_norm")
@@ -627,7 +657,7 @@ def pixel_shuffle_channels(ctx, x: TensorChannels, r: int) -> TensorChannels:
     dims = list(x.dims[:d]) + [None, None, None]
     if t is not None:
         u = t.units.reshape(-1, r * r)
-        ctx.analysis.store.union(np.repeat(u[:, :1], r * r, axis=1), u)
+        ctx.union(np.repeat(u[:, :1], r * r, axis=1), u)
         dims[d] = Track(u[:, 0].copy(), t.state.reshape(-1, r * r).max(axis=1))
     return TensorChannels(out_shape, dims)
 
@@ -668,7 +698,7 @@ def channel_shuffle_channels(ctx, x: TensorChannels, groups: int) -> TensorChann
         return x
     u = t.units.reshape(groups, -1)
     s = t.state.reshape(groups, -1)
-    ctx.analysis.store.union(np.broadcast_to(u[:1], u.shape), u)
+    ctx.union(np.broadcast_to(u[:1], u.shape), u)
     per = u.shape[1]
     # output channel k = (k % g) * (C/g) + k // g  ->  element of column k // g
     col = np.arange(groups * per) // groups

@@ -18,11 +18,12 @@ import torch.nn as nn
 
 from .channels import (ANY, CONST, ZERO, TensorChannels, Track, broadcast_dims, norm_dim, reshape_blocks,
                        state_add, state_const_map, state_mul)
-from .registry import register_function, register_method, register_module
+from .registry import op_name, register_function, register_method, register_module
+from .size_flow import counts_channels, record_size
 
 
 def _tc(ctx, v) -> Optional[TensorChannels]:
-    c = ctx.ch(v)
+    c = v if isinstance(v, TensorChannels) else ctx.ch(v)
     return c if isinstance(c, TensorChannels) else None
 
 
@@ -124,6 +125,16 @@ def _pow(ctx):
     if x is None or not isinstance(e, Number):
         return ctx.unknown("power with a tensor exponent")
     return x if e > 0 else x.map_state(state_const_map)
+
+
+@register_function(torch.clamp_min, name="clamp")
+@register_method("clamp_min", "clamp_min_", name="clamp")
+def _clamp_min(ctx):
+    x = _tc(ctx, ctx.arg(0, "input"))
+    lo = ctx.arg(1, "min")
+    if x is None or not isinstance(lo, Number):
+        return ctx.unknown("clamp with a tensor bound")
+    return x if lo <= 0 else x.map_state(state_const_map)
 
 
 @register_function(torch.roll, name="roll")
@@ -238,24 +249,24 @@ def _rewrite_sections(rctx, arg_index: int, arg_name: str, to_split: bool) -> No
         rctx.set_arg(arg_index, arg_name, sizes)
 
 
-@register_function(torch.split, name="split", rewrite=lambda r: _rewrite_sections(r, 1, "split_size_or_sections", False))
-@register_method("split", name="split", rewrite=lambda r: _rewrite_sections(r, 1, "split_size", False))
+@register_function(torch.split, selects=True, name="split", rewrite=lambda r: _rewrite_sections(r, 1, "split_size_or_sections", False))
+@register_method("split", selects=True, name="split", rewrite=lambda r: _rewrite_sections(r, 1, "split_size", False))
 def _split(ctx):
     x = _tc(ctx, ctx.arg(0, "input"))
     dim = ctx.arg(2, "dim", 0)
     return _pieces(ctx, x, dim, _out_sizes(ctx, norm_dim(dim, x.ndim)))
 
 
-@register_function(torch.chunk, name="chunk", rewrite=lambda r: _rewrite_sections(r, 1, "chunks", True))
-@register_method("chunk", name="chunk", rewrite=lambda r: _rewrite_sections(r, 1, "chunks", True))
+@register_function(torch.chunk, selects=True, name="chunk", rewrite=lambda r: _rewrite_sections(r, 1, "chunks", True))
+@register_method("chunk", selects=True, name="chunk", rewrite=lambda r: _rewrite_sections(r, 1, "chunks", True))
 def _chunk(ctx):
     x = _tc(ctx, ctx.arg(0, "input"))
     dim = ctx.arg(2, "dim", 0)
     return _pieces(ctx, x, dim, _out_sizes(ctx, norm_dim(dim, x.ndim)))
 
 
-@register_function(torch.unbind, name="unbind")
-@register_method("unbind", name="unbind")
+@register_function(torch.unbind, selects=True, name="unbind")
+@register_method("unbind", selects=True, name="unbind")
 def _unbind(ctx):
     x = _tc(ctx, ctx.arg(0, "input"))
     d = norm_dim(ctx.arg(1, "dim", 0), x.ndim)
@@ -277,8 +288,8 @@ def _rewrite_narrow(rctx) -> None:
     rctx.set_arg(3, "length", rctx.new_size(t.take(slice(start, start + length))))
 
 
-@register_function(torch.narrow, name="narrow", rewrite=_rewrite_narrow)
-@register_method("narrow", name="narrow", rewrite=_rewrite_narrow)
+@register_function(torch.narrow, selects=True, name="narrow", rewrite=_rewrite_narrow)
+@register_method("narrow", selects=True, name="narrow", rewrite=_rewrite_narrow)
 def _narrow(ctx):
     x = _tc(ctx, ctx.arg(0, "input"))
     d = norm_dim(ctx.arg(1, "dim"), x.ndim)
@@ -332,8 +343,7 @@ def _getitem_tensor(ctx, x: TensorChannels, idx) -> TensorChannels:
                 ctx.pin(t, "sliced with computed bounds")
                 t = None
             if t is not None and i.step not in (None, 1):
-                ctx.pin(t, "strided slice over channels")
-                dims.append(None)
+                dims.append(_strided(ctx, t, x.shape[d], i))
             else:
                 dims.append(None if t is None else t.take(i))
         elif kind == "int":
@@ -349,6 +359,18 @@ def _getitem_tensor(ctx, x: TensorChannels, idx) -> TensorChannels:
     if len(dims) != len(out_shape):
         return ctx.unknown("indexing fxprune cannot follow")
     return TensorChannels(out_shape, dims)
+
+
+def _strided(ctx, t: Track, n: int, i: slice) -> Optional[Track]:
+    """``x[..., r::s]`` over channels: channels are removed in whole blocks of ``s`` consecutive
+    positions, so every offset ``r`` keeps picking the same members of each block."""
+    start = i.start or 0
+    if isinstance(i.step, int) and i.step > 1 and n % i.step == 0 and 0 <= start < i.step and i.stop in (None, n):
+        blocks = t.units.reshape(n // i.step, i.step)
+        ctx.union(np.broadcast_to(blocks[:, :1], blocks.shape), blocks)
+        return t.take(i)
+    ctx.pin(t, "strided slice over channels")
+    return None
 
 
 def _gather_leading(ctx, x: TensorChannels, plan) -> TensorChannels:
@@ -374,7 +396,9 @@ def _rewrite_getitem(rctx) -> None:
     new_idx = []
     for kind, d, i in plan:
         t = x.dims[d] if d is not None else None
-        if kind == "slice" and t is not None and all(isinstance(v, (int, type(None))) for v in (i.start, i.stop)):
+        if kind == "slice" and t is not None and i.step not in (None, 1):
+            new_idx.append(slice(i.start, None, i.step))  # whole blocks go: offset and step stay
+        elif kind == "slice" and t is not None and all(isinstance(v, (int, type(None))) for v in (i.start, i.stop)):
             n = x.shape[d]
             start, stop, _ = i.indices(n)
             new_start = rctx.new_size(t.take(slice(0, start))) if i.start is not None else None
@@ -402,7 +426,7 @@ def _restore_keeps(idx, plan, changed) -> list:
     return out
 
 
-@register_function(operator.getitem, name="getitem", rewrite=_rewrite_getitem)
+@register_function(operator.getitem, selects=True, name="getitem", rewrite=_rewrite_getitem)
 def _getitem(ctx):
     src = ctx.arg(0)
     idx = ctx.arg(1)
@@ -417,11 +441,14 @@ def _getitem(ctx):
     return ctx.out_untracked() if meta is not None else None
 
 
-@register_function(getattr, name="getattr")
+@register_function(getattr, selects=True, name="getattr")
 def _getattr(ctx):
     name = ctx.arg(1)
     x = _tc(ctx, ctx.arg(0))
-    if name in ("shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"):
+    if name == "shape":
+        record_size(ctx, x)
+        return None
+    if name in ("dtype", "device", "ndim", "is_cuda", "requires_grad"):
         return None
     if name == "T" and x is not None:
         return x.permute(list(reversed(range(x.ndim))))
@@ -430,9 +457,21 @@ def _getattr(ctx):
     return ctx.unknown(f"attribute {name!r} of a tensor")
 
 
-@register_method("size", "dim", "numel", "nelement", "stride", "element_size", "is_contiguous", name="metadata")
-@register_function(len, name="metadata")
+@register_method("size", "numel", "nelement", selects=True, name="metadata")
+@register_function(len, selects=True, name="metadata")
 def _metadata(ctx):
+    x = _tc(ctx, ctx.arg(0, "input"))
+    what = ctx.node.target if ctx.node.op == "call_method" else "len"
+    if what == "size":
+        dim = ctx.arg(1, "dim", None)
+        record_size(ctx, x, "all" if dim is None else norm_dim(dim, x.ndim))
+    else:
+        record_size(ctx, x, 0 if what == "len" else None)
+    return None
+
+
+@register_method("dim", "stride", "element_size", "is_contiguous", selects=True, name="metadata")
+def _no_channel_count(ctx):
     return None
 
 
@@ -478,7 +517,7 @@ def reshape_channels(ctx, x: TensorChannels, out_shape: Sequence[int]) -> Tensor
         constant = [k for k in cands if (rows[k] == rows[k][:, :1]).all()]
         carrier = _carrier(constant or cands, osizes, last=dst[-1] == len(out_shape) - 1)
         R = rows[carrier]
-        ctx.analysis.store.union(np.broadcast_to(R[:, :1], R.shape), R)
+        ctx.union(np.broadcast_to(R[:, :1], R.shape), R)
         Sr = np.moveaxis(S, carrier, 0).reshape(osizes[carrier], -1)
         dims[dst[carrier]] = Track(R[:, 0].copy(), Sr.max(axis=1).astype(np.int8))
     return TensorChannels(out_shape, dims)
@@ -513,10 +552,13 @@ def _rewrite_view_args(rctx) -> None:
         return
     fixed = list(shape)
     for k, s in enumerate(fixed):
-        if out.dims[k] is None or s == -1:
+        if s == -1:
             continue
-        if isinstance(s, int) or (isinstance(s, torch.fx.Node) and new[k] != out.shape[k]):
-            # a channel count, constant or read from another tensor's shape, is recomputed
+        if counts_channels(rctx.ca.analysis, s):
+            # a number computed from channel counts: the new size where this dim holds channels,
+            # the unchanged size elsewhere (the group count of a channel shuffle)
+            fixed[k] = new[k] if out.dims[k] is not None else out.shape[k]
+        elif out.dims[k] is not None and (isinstance(s, int) or (isinstance(s, torch.fx.Node) and new[k] != out.shape[k])):
             fixed[k] = new[k]
     if node.op == "call_function":
         rctx.set_arg(1, "shape", type(shape)(fixed))
@@ -565,7 +607,7 @@ def _unflatten(ctx):
 
 def _permutation(ctx, x: TensorChannels) -> List[int]:
     node = ctx.node
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    name = node.target if node.op == "call_method" else op_name(node.target)
     if name == "permute":
         order = node.args[1:] if node.op == "call_method" else [ctx.arg(1, "dims")]
         if len(order) == 1 and isinstance(order[0], (list, tuple)):
@@ -711,19 +753,18 @@ for _kind, _fns, _methods in [
 # ============================================================================ matrix products
 
 
-@register_function(torch.matmul, operator.matmul, torch.bmm, torch.mm, name="matmul")
-@register_method("matmul", "bmm", "mm", name="matmul")
-def _matmul(ctx):
-    a = _tc(ctx, ctx.arg(0, "input"))
-    b = _tc(ctx, ctx.arg(1, "other"))
-    if a is None or b is None or a.ndim < 2 or b.ndim < 2:
-        return ctx.unknown("matrix product of vectors")
+def matmul_channels(ctx, a: TensorChannels, b: TensorChannels, out_shape) -> TensorChannels:
+    """``a @ b`` over the last two dims, batch dims broadcast. A parameter on either side of
+    the contraction is a consumer of the other side's channels (``x @ W``)."""
     ka, kb = a.dims[-1], b.dims[-2]
-    if ka is not None or kb is not None:
+    if kb is not None and kb.source is not None:
+        ctx.consume(ka, kb, "a matrix product with a weight")
+    elif ka is not None and ka.source is not None:
+        ctx.consume(kb, ka, "a matrix product with a weight")
+    elif ka is not None or kb is not None:
         ctx.unify(ka, kb, reason="contracted with a dimension that carries no channels")
         if ka is not None and kb is not None:
             ctx.require_zero(Track(ka.units, state_mul([ka.state, kb.state])), "a matrix product's contraction")
-    out_shape = ctx.out_shape
     batch = len(out_shape) - 2
     ab = TensorChannels(a.shape[:-2], a.dims[:-2])
     bb = TensorChannels(b.shape[:-2], b.dims[:-2])
@@ -743,3 +784,13 @@ def _matmul(ctx):
             dims.append(None)
     dims += [a.dims[-2], b.dims[-1]]
     return TensorChannels(tuple(out_shape), dims)
+
+
+@register_function(torch.matmul, operator.matmul, torch.bmm, torch.mm, name="matmul")
+@register_method("matmul", "bmm", "mm", name="matmul")
+def _matmul(ctx):
+    a = _tc(ctx, ctx.arg(0, "input"))
+    b = _tc(ctx, ctx.arg(1, "other"))
+    if a is None or b is None or a.ndim < 2 or b.ndim < 2:
+        return ctx.unknown("matrix product of vectors")
+    return matmul_channels(ctx, a, b, ctx.out_shape)

@@ -34,12 +34,12 @@ class RewriteContext:
     module, the original channel tracks, and the new sizes."""
 
     def __init__(self, gm: torch.fx.GraphModule, node: torch.fx.Node, ca: ChannelAnalysis,
-                 sym: SymbolicShapes, values: Mapping):
+                 sym: SymbolicShapes, keep: Mapping):
         self.gm = gm
         self.node = node
         self.ca = ca
         self.sym = sym
-        self.values = values
+        self.keep = keep
         self.module = gm.get_submodule(node.target) if node.op == "call_module" else None
 
     def ch(self, value: Any) -> Any:
@@ -53,7 +53,7 @@ class RewriteContext:
 
     def new_size(self, track: Optional[Track], concrete: int = 0) -> int:
         """Size of a dimension after pruning, from its symbolic size."""
-        return self.sym.evaluate(self.sym.size(track, concrete), self.values)
+        return self.sym.evaluate(self.sym.size(track, concrete), self.keep)
 
     def new_shape(self, tc: TensorChannels) -> Tuple[int, ...]:
         return tuple(self.new_size(t, s) for s, t in zip(tc.shape, tc.dims))
@@ -106,13 +106,12 @@ def prune_rewrite(gm: torch.fx.GraphModule, keep: Mapping[int, np.ndarray]) -> t
     new = copy_graph_module(gm)
     alive = element_keep(ca, keep)
     _slice_tensors(new, ca, alive)
-    values = sym.values(keep)
     for node in new.graph.nodes:
         spec = node.meta.get(META_SPEC)
         if spec is None or spec.rewrite is None:
             continue
         try:
-            spec.rewrite(RewriteContext(new, node, ca, sym, values))
+            spec.rewrite(RewriteContext(new, node, ca, sym, keep))
         except RewriteError:
             raise
         except Exception as exc:

@@ -32,11 +32,21 @@ class OpSpec:
         name: a short readable name (``"conv"``, ``"elementwise_add"``).
         rule: ``rule(ctx) -> channels`` (see :class:`~fxprune.passes.rule_context.RuleContext`).
         rewrite: ``rewrite(rctx) -> None``, fixes the node after pruning (optional).
+        selects: the op reads only the positions it outputs (slicing, ``split``, a tuple
+            element, ``x.shape``), so channels absent from its output are not dropped by it.
+            Any other op must account for every input channel (propagate, link or freeze it)
+            or the channel-deps pass freezes the rest.
     """
 
     name: str
     rule: Callable
     rewrite: Optional[Callable] = None
+    selects: bool = False
+
+
+def op_name(target) -> str:
+    """Readable name of a call_function target: ``aten.transpose.int`` -> ``"transpose"``."""
+    return getattr(target, "_opname", None) or getattr(target, "__name__", str(target))
 
 
 class Registry:
@@ -74,31 +84,34 @@ def _register(table: dict, keys: Iterable[Key], spec: OpSpec) -> None:
         table[key] = spec
 
 
-def register_module(*classes: type, name: Optional[str] = None, rewrite: Optional[Callable] = None):
+def register_module(*classes: type, name: Optional[str] = None, rewrite: Optional[Callable] = None,
+                    selects: bool = False):
     """Decorator: ``rule`` gives the channel semantics of modules of these classes."""
 
     def deco(rule):
-        _register(REGISTRY.modules, classes, OpSpec(name or rule.__name__, rule, rewrite))
+        _register(REGISTRY.modules, classes, OpSpec(name or rule.__name__, rule, rewrite, selects))
         return rule
 
     return deco
 
 
-def register_function(*targets, name: Optional[str] = None, rewrite: Optional[Callable] = None):
+def register_function(*targets, name: Optional[str] = None, rewrite: Optional[Callable] = None,
+                      selects: bool = False):
     """Decorator: ``rule`` gives the channel semantics of ``call_function`` nodes of these targets."""
 
     def deco(rule):
-        _register(REGISTRY.functions, [t for t in targets if t is not None], OpSpec(name or rule.__name__, rule, rewrite))
+        _register(REGISTRY.functions, [t for t in targets if t is not None], OpSpec(name or rule.__name__, rule, rewrite, selects))
         return rule
 
     return deco
 
 
-def register_method(*names: str, name: Optional[str] = None, rewrite: Optional[Callable] = None):
+def register_method(*names: str, name: Optional[str] = None, rewrite: Optional[Callable] = None,
+                    selects: bool = False):
     """Decorator: ``rule`` gives the channel semantics of ``call_method`` nodes of these names."""
 
     def deco(rule):
-        _register(REGISTRY.methods, names, OpSpec(name or rule.__name__, rule, rewrite))
+        _register(REGISTRY.methods, names, OpSpec(name or rule.__name__, rule, rewrite, selects))
         return rule
 
     return deco

@@ -47,6 +47,8 @@ class Analysis:
     inexact: List[Tuple[np.ndarray, str]] = field(default_factory=list)
     specs: Dict[str, str] = field(default_factory=dict)  # node name -> op spec name ("" if none)
     canonical: Dict[str, str] = field(default_factory=dict)  # tensor name -> first name of the same tensor
+    sizes: Dict[str, Any] = field(default_factory=dict)  # node name -> the channel tracks its number counts
+    const_origin: Dict[int, str] = field(default_factory=dict)  # element -> node that first made it non-zero
 
 
 class RuleContext:
@@ -57,6 +59,7 @@ class RuleContext:
         self.gm = gm
         self.node = node
         self.module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        self.touched: List[np.ndarray] = []  # elements the rule linked, froze or checked
 
     # ----------------------------------------------------------------- reading the node
     def arg(self, index: int, name: Optional[str] = None, default: Any = _MISSING) -> Any:
@@ -105,6 +108,8 @@ class RuleContext:
     def out_shape(self) -> Tuple[int, ...]:
         """Concrete shape of the node's (single tensor) output, from shape propagation."""
         meta = self.node.meta.get("tensor_meta")
+        if isinstance(meta, (list, tuple)) and not hasattr(meta, "shape") and meta:
+            meta = meta[0]  # ops returning (output, statistics...): the first is the output
         if meta is None or not hasattr(meta, "shape"):
             raise ValueError(f"{describe_node(self.node)} has no single-tensor shape")
         return tuple(int(s) for s in meta.shape)
@@ -120,6 +125,12 @@ class RuleContext:
     def fresh(self, n: int, state: int = ZERO) -> Track:
         return Track(self.analysis.store.fresh(n), np.full(n, state, np.int8))
 
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Unify element arrays position by position (``a`` broadcast to ``b``'s shape)."""
+        a, b = np.broadcast_arrays(np.asarray(a), np.asarray(b))
+        self.touched += [a.ravel(), b.ravel()]
+        self.analysis.store.union(a, b)
+
     def unify(self, *tracks: Optional[Track], reason: str = "") -> None:
         """Unify tracks position by position; a missing track freezes the others."""
         present = [t for t in tracks if t is not None]
@@ -129,16 +140,18 @@ class RuleContext:
         for t in present[1:]:
             if len(t) != len(present[0]):
                 raise ValueError(f"{self.where()}: cannot unify dims of size {len(present[0])} and {len(t)}")
-            self.analysis.store.union(present[0].units, t.units)
+            self.union(present[0].units, t.units)
 
     def pin(self, track: Optional[Track], reason: str) -> None:
         """Freeze the channels of ``track`` (they are never pruned)."""
         if track is not None and len(track):
+            self.touched.append(track.units)
             self.analysis.pins.append((track.units.copy(), f"{reason} ({self.where()})"))
 
     def inexact(self, track: Optional[Track], reason: str) -> None:
         """Removing these channels would change the output (e.g. a LayerNorm over them)."""
         if track is not None and len(track):
+            self.touched.append(track.units)
             self.analysis.inexact.append((track.units.copy(), f"{reason} ({self.where()})"))
 
     def pin_all(self, value: Any, reason: str) -> None:
@@ -223,10 +236,14 @@ class RuleContext:
         """Positions of ``x`` must be exactly zero when zeroed, or their channels are inexact."""
         if x is None:
             return
+        self.touched.append(x.units)
         bad = x.state != ZERO
         if bad.any():
             kind = "a non-zero constant" if (x.state[bad] == CONST).all() else "an unknown value"
-            self.inexact(x.take(bad), f"a zeroed channel still holds {kind} where it reaches {what}")
+            origins = sorted({self.analysis.const_origin[e] for e in x.units[bad].tolist()
+                              if e in self.analysis.const_origin})
+            made = f" made by {', '.join(origins[:2])}" if origins else ""
+            self.inexact(x.take(bad), f"a zeroed channel still holds {kind}{made} where it reaches {what}")
 
 
 def _get_tensor(gm: torch.nn.Module, name: str) -> Optional[torch.Tensor]:

@@ -58,16 +58,17 @@ class SymbolicShapes:
     def shape(self, tc: TensorChannels) -> Tuple[sympy.Expr, ...]:
         return tuple(self.size(t, s) for s, t in zip(tc.shape, tc.dims))
 
-    def values(self, keep: Mapping[int, np.ndarray]) -> Dict[sympy.Symbol, int]:
-        """Substitution for kept channels: ``keep[g]`` is a bool keep-mask (missing: all kept)."""
-        vals = {sym: int(np.asarray(keep[g]).sum()) if g in keep else self.sizes[g] for g, sym in enumerate(self.full)}
-        for sym, (g, chans) in self.subsets.items():
-            vals[sym] = int(np.asarray(keep[g])[chans].sum()) if g in keep else len(chans)
-        return vals
+    def value(self, sym: sympy.Symbol, keep: Mapping[int, np.ndarray]) -> int:
+        """Kept channels counted by ``sym``: ``keep[g]`` is a bool keep-mask (missing: all kept)."""
+        if sym in self.subsets:
+            g, chans = self.subsets[sym]
+            return int(np.asarray(keep[g])[chans].sum()) if g in keep else len(chans)
+        g = int(sym.name[1:])
+        return int(np.asarray(keep[g]).sum()) if g in keep else self.sizes[g]
 
-    @staticmethod
-    def evaluate(expr: sympy.Expr, values: Mapping[sympy.Symbol, int]) -> int:
-        return int(expr.xreplace(values))
+    def evaluate(self, expr: sympy.Expr, keep: Mapping[int, np.ndarray]) -> int:
+        """The value of a size expression once the channels outside ``keep`` are removed."""
+        return int(expr.xreplace({sym: self.value(sym, keep) for sym in expr.free_symbols}))
 
 
 class SymbolicShapesPass(PassBase):

@@ -7,10 +7,12 @@ name (``leaf_modules``), fix arguments (``concrete_args``), or pass a tracer of 
 """
 from __future__ import annotations
 
+import inspect
 import linecache
 import math
 import os
 import traceback
+import types
 from typing import Any, Dict, Iterable, Optional, Tuple, Union
 
 import torch
@@ -101,9 +103,58 @@ def trace(model: torch.nn.Module, *, leaf_modules: Iterable[Union[type, str]] = 
         raise _trace_error(model, exc) from exc
     finally:
         model.train(was_training)
+    if concrete_args:
+        _inline_concrete(graph, concrete_args, list(inspect.signature(model.forward).parameters))
     name = model.__class__.__name__
     gm = torch.fx.GraphModule(tr.root, graph, name)
     gm.train(was_training)
+    return gm
+
+
+def _inline_concrete(graph: torch.fx.Graph, concrete_args: Dict[str, Any], names: list) -> None:
+    """torch.fx keeps a concrete argument as a placeholder guarded by an assert; fold the value
+    in and drop the placeholder, so the GraphModule takes only the free inputs. Placeholders
+    follow the order of ``forward``'s parameters (their names may carry a suffix)."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for name, node in zip(names, placeholders):
+        if name not in concrete_args:
+            continue
+        value = concrete_args[name]
+        for user in list(node.users):
+            user.args = torch.fx.node.map_arg(user.args, lambda a: value if a is node else a)
+            user.kwargs = torch.fx.node.map_arg(user.kwargs, lambda a: value if a is node else a)
+        graph.erase_node(node)
+
+
+def export(model: torch.nn.Module, example_inputs: tuple) -> torch.fx.GraphModule:
+    """Second front end: ``torch.export`` (non-strict) to an ATen-level GraphModule, for models
+    symbolic tracing cannot take (HuggingFace transformers 5, which has no fx tracer).
+
+    The graph is exported in eval mode; its parameters are re-pointed at the model's own, so
+    training the GraphModule trains the model. Raises :class:`fxprune.TraceError`.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        gm = torch.export.export(model, tuple(example_inputs), strict=False).module()
+    except Exception as exc:
+        raise TraceError(f"torch.export cannot export {type(model).__qualname__}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        model.train(was_training)
+    own = dict(model.named_parameters(remove_duplicate=False))
+    own.update(dict(model.named_buffers(remove_duplicate=False)))
+    for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        src = own.get(name)
+        if src is not None and src.shape == t.shape and src is not t:
+            path, _, attr = name.rpartition(".")
+            owner = gm.get_submodule(path) if path else gm
+            if isinstance(src, torch.nn.Parameter):
+                owner._parameters[attr] = src
+            else:
+                owner._buffers[attr] = src
+    # an exported graph has its eval-mode semantics baked in; let train()/eval() just set flags
+    gm.train = types.MethodType(torch.nn.Module.train, gm)
+    gm.eval = types.MethodType(torch.nn.Module.eval, gm)
     return gm
 
 

@@ -1,0 +1,231 @@
+"""Channel semantics of core ATen ops, the vocabulary of ``torch.export`` graphs.
+
+Most ATen overloads take their arguments in the order of the torch function they implement
+(``aten.linear`` as ``F.linear``, ``aten.view`` as ``Tensor.view``), so they share that
+function's registry entry (:data:`ALIASES`). The others get rules here: ops whose argument
+order differs (``aten.embedding(weight, indices)``, ``aten.convolution``, ``aten.addmm``),
+ops that return statistics beside their output (``native_layer_norm``), and the slicing ops
+whose constant bounds the rewrite recomputes (``aten.slice``, ``aten.select``, ``aten.split``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import ops_attention  # noqa: F401  (entries aliased below)
+from .channels import ZERO, TensorChannels, Track, norm_dim, state_const_map
+from .ops_nn import conv_channels, layernorm_channels
+from .ops_tensor import _pieces, elementwise_channels, matmul_channels
+from .registry import REGISTRY, register_function
+
+aten = torch.ops.aten
+
+
+def _overloads(packet, names):
+    return [getattr(packet, n) for n in names if hasattr(packet, n)]
+
+
+# ATen overload -> torch callable (or Tensor method name) with the same argument order
+ALIASES = {
+    F.linear: [aten.linear.default],
+    F.conv1d: [aten.conv1d.default], F.conv2d: [aten.conv2d.default], F.conv3d: [aten.conv3d.default],
+    torch.add: _overloads(aten.add, ["Tensor", "Scalar"]), torch.sub: _overloads(aten.sub, ["Tensor", "Scalar"]),
+    torch.mul: _overloads(aten.mul, ["Tensor", "Scalar"]), torch.div: _overloads(aten.div, ["Tensor", "Scalar"]),
+    torch.rsub: _overloads(aten.rsub, ["Tensor", "Scalar"]),
+    torch.pow: _overloads(aten.pow, ["Tensor_Scalar"]),
+    torch.cat: [aten.cat.default], torch.stack: [aten.stack.default],
+    torch.reshape: [aten.reshape.default, aten.view.default, aten._unsafe_view.default],
+    torch.unsqueeze: [aten.unsqueeze.default], torch.squeeze: _overloads(aten.squeeze, ["default", "dim", "dims"]),
+    torch.flatten: [aten.flatten.using_ints], torch.unflatten: [aten.unflatten.int],
+    torch.permute: [aten.permute.default], torch.transpose: [aten.transpose.int], torch.t: [aten.t.default],
+    torch.movedim: [aten.movedim.int],
+    torch.mean: [aten.mean.dim], torch.sum: [aten.sum.dim_IntList], torch.amax: [aten.amax.default],
+    torch.amin: [aten.amin.default], torch.var: _overloads(aten.var, ["correction", "dim"]),
+    torch.matmul: [aten.matmul.default, aten.bmm.default, aten.mm.default],
+    F.layer_norm: [aten.layer_norm.default], F.group_norm: [aten.group_norm.default],
+    F.scaled_dot_product_attention: [aten.scaled_dot_product_attention.default],
+    F.softmax: [aten.softmax.int, aten._softmax.default], F.log_softmax: [aten.log_softmax.int, aten._log_softmax.default],
+    torch.relu: [aten.relu.default, aten.relu_.default], F.gelu: [aten.gelu.default], F.silu: [aten.silu.default],
+    torch.tanh: [aten.tanh.default], F.hardswish: [aten.hardswish.default], F.hardtanh: [aten.hardtanh.default],
+    F.leaky_relu: [aten.leaky_relu.default], F.elu: [aten.elu.default], F.mish: [aten.mish.default],
+    torch.sigmoid: [aten.sigmoid.default], F.hardsigmoid: [aten.hardsigmoid.default], torch.exp: [aten.exp.default],
+    F.softplus: [aten.softplus.default], torch.abs: [aten.abs.default], torch.neg: [aten.neg.default],
+    torch.sqrt: [aten.sqrt.default], torch.erf: [aten.erf.default], torch.sin: [aten.sin.default],
+    torch.cos: [aten.cos.default], torch.square: [aten.square.default],
+    F.dropout: [aten.dropout.default], torch.clamp: [aten.clamp.default],
+    F.adaptive_avg_pool2d: [aten.adaptive_avg_pool2d.default], F.avg_pool2d: [aten.avg_pool2d.default],
+    F.max_pool2d: [aten.max_pool2d.default], F.pixel_shuffle: [aten.pixel_shuffle.default],
+    F.pixel_unshuffle: [aten.pixel_unshuffle.default], F.interpolate: _overloads(
+        aten.upsample_nearest2d, ["vec"]) + _overloads(aten.upsample_bilinear2d, ["vec"]),
+    F.pad: [aten.pad.default], torch.roll: [aten.roll.default],
+    "contiguous": [aten.contiguous.default, aten.clone.default, aten.detach.default, aten.alias.default,
+                   aten._to_copy.default, aten.lift_fresh_copy.default] + _overloads(aten.to, ["dtype", "dtype_layout"]),
+    "expand": [aten.expand.default],
+}
+
+for _fn, _overloads_list in ALIASES.items():
+    _spec = REGISTRY.methods[_fn] if isinstance(_fn, str) else REGISTRY.functions[_fn]
+    for _ov in _overloads_list:
+        REGISTRY.functions[_ov] = _spec
+
+
+def _tc(ctx, v):
+    c = ctx.ch(v)
+    return c if isinstance(c, TensorChannels) else None
+
+
+def _with_stats(ctx, out: TensorChannels):
+    """(output, statistics...) for ops that also return per-sample statistics."""
+    metas = ctx.node.meta.get("tensor_meta")
+    if not isinstance(metas, (list, tuple)) or hasattr(metas, "shape"):
+        return out
+    rest = [None if m is None else TensorChannels(tuple(m.shape), [None] * len(m.shape)) for m in metas[1:]]
+    return (out, *rest)
+
+
+@register_function(aten.embedding.default, name="embedding")
+def _embedding(ctx):
+    """``aten.embedding(weight, indices)``: rows looked up by index, columns are channels."""
+    w = _tc(ctx, ctx.arg(0, "weight"))
+    idx = _tc(ctx, ctx.arg(1, "indices"))
+    if w is None or idx is None or w.ndim != 2:
+        return ctx.unknown("embedding of a computed table")
+    ctx.pin(w.dims[0], "embedding rows are addressed by token index")
+    col = w.dims[1]
+    out = None if col is None else Track(col.units, np.full(len(col), ZERO, np.int8))
+    return TensorChannels(ctx.out_shape, list(idx.dims) + [out])
+
+
+@register_function(aten.convolution.default, name="conv")
+def _convolution(ctx):
+    x, w = _tc(ctx, ctx.arg(0)), _tc(ctx, ctx.arg(1))
+    b = _tc(ctx, ctx.arg(2))
+    transposed, groups = ctx.arg(6), ctx.arg(8)
+    if x is None or w is None or not isinstance(groups, int):
+        return ctx.unknown("convolution with a computed weight or group count")
+    return conv_channels(ctx, x, w.dims[0], w.dims[1], b.dims[0] if b is not None else None, groups, bool(transposed),
+                         ctx.out_shape)
+
+
+@register_function(aten.addmm.default, name="addmm")
+def _addmm(ctx):
+    """``addmm(bias, x, w) = bias + x @ w`` (a linear layer written as a matrix product)."""
+    bias, a, b = (_tc(ctx, ctx.arg(i)) for i in range(3))
+    if a is None or b is None:
+        return ctx.unknown("addmm of non-tensors")
+    prod = matmul_channels(ctx, a, b, ctx.out_shape)
+    if bias is None:
+        return prod
+    return elementwise_channels(ctx, [prod, bias], "add")
+
+
+@register_function(aten._native_batch_norm_legit_no_training.default, name="batch_norm")
+def _bn_no_training(ctx):
+    x = _tc(ctx, ctx.arg(0))
+    tracks = [(_tc(ctx, ctx.arg(i)) or None) for i in (1, 2, 3, 4)]  # weight, bias, mean, var
+    tracks = [t.dims[0] if t is not None else None for t in tracks]
+    t = x.dims[1]
+    ctx.unify(t, *[p for p in tracks if p is not None])
+    if t is None:
+        return _with_stats(ctx, x)
+    affine = tracks[0] is not None
+    state = np.full(len(t), ZERO, np.int8) if affine else state_const_map(t.state)
+    dims = list(x.dims)
+    dims[1] = Track(t.units, state)
+    return _with_stats(ctx, TensorChannels(x.shape, dims))
+
+
+@register_function(aten.native_layer_norm.default, name="layer_norm")
+def _native_layer_norm(ctx):
+    x = _tc(ctx, ctx.arg(0))
+    shape = ctx.arg(1)
+    w, b = _tc(ctx, ctx.arg(2)), _tc(ctx, ctx.arg(3))
+    return _with_stats(ctx, layernorm_channels(ctx, x, len(shape), w, b))
+
+
+@register_function(aten.rms_norm.default, getattr(F, "rms_norm", None), name="rms_norm")
+def _rms_norm(ctx):
+    x = _tc(ctx, ctx.arg(0))
+    shape = ctx.arg(1)
+    w = _tc(ctx, ctx.arg(2, "weight", None))
+    return layernorm_channels(ctx, x, len(shape), w, None)
+
+
+@register_function(aten.native_dropout.default, name="zero_preserving")
+def _native_dropout(ctx):
+    return _with_stats(ctx, _tc(ctx, ctx.arg(0)))
+
+
+# ---------------------------------------------------------------------------- slicing
+
+
+def _rewrite_slice(rctx) -> None:
+    x = rctx.ch(rctx.node.args[0])
+    d = norm_dim(rctx.arg(1, "dim", 0), x.ndim)
+    t = x.dims[d]
+    if t is None:
+        return
+    start, end, _ = slice(rctx.arg(2, "start", None), rctx.arg(3, "end", None)).indices(x.shape[d])
+    rctx.set_arg(2, "start", rctx.new_size(t.take(slice(0, start))))
+    rctx.set_arg(3, "end", rctx.new_size(t.take(slice(0, end))))
+
+
+@register_function(aten.slice.Tensor, selects=True, name="slice", rewrite=_rewrite_slice)
+def _slice(ctx):
+    x = _tc(ctx, ctx.arg(0))
+    d = norm_dim(ctx.arg(1, "dim", 0), x.ndim)
+    start, end, step = ctx.arg(2, "start", None), ctx.arg(3, "end", None), ctx.arg(4, "step", 1)
+    t = x.dims[d]
+    dims = list(x.dims)
+    if t is not None:
+        if step != 1 or not all(isinstance(v, (int, type(None))) for v in (start, end)):
+            ctx.pin(t, "strided or computed slice over channels")
+            dims[d] = None
+        else:
+            dims[d] = t.take(slice(start, end))
+    return TensorChannels(ctx.out_shape, dims)
+
+
+def _rewrite_select(rctx) -> None:
+    x = rctx.ch(rctx.node.args[0])
+    d = norm_dim(rctx.arg(1, "dim"), x.ndim)
+    index = rctx.arg(2, "index")
+    if x.dims[d] is not None and isinstance(index, int):
+        rctx.set_arg(2, "index", rctx.new_size(x.dims[d].take(slice(0, index % x.shape[d]))))
+
+
+@register_function(aten.select.int, selects=True, name="select", rewrite=_rewrite_select)
+def _select(ctx):
+    x = _tc(ctx, ctx.arg(0))
+    d = norm_dim(ctx.arg(1, "dim"), x.ndim)
+    index = ctx.arg(2, "index")
+    if x.dims[d] is not None:
+        ctx.pin(x.dims[d].take([index]) if isinstance(index, int) else x.dims[d], "a single channel selected by index")
+    return TensorChannels(ctx.out_shape, x.dims[:d] + x.dims[d + 1:])
+
+
+def _rewrite_split(rctx) -> None:
+    x = rctx.ch(rctx.node.args[0])
+    d = norm_dim(rctx.arg(2, "dim", 0), x.ndim)
+    if x.dims[d] is None:
+        return
+    sizes = [rctx.new_size(p.dims[d]) for p in rctx.out_ch]
+    rctx.node.target = aten.split_with_sizes.default
+    rctx.node.args = (rctx.node.args[0], sizes, d)
+    rctx.node.kwargs = {}
+
+
+@register_function(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, selects=True, name="split",
+                   rewrite=_rewrite_split)
+def _split(ctx):
+    x = _tc(ctx, ctx.arg(0))
+    d = norm_dim(ctx.arg(2, "dim", 0), x.ndim)
+    sizes = [int(m.shape[d]) for m in ctx.node.meta["tensor_meta"]]
+    return _pieces(ctx, x, d, sizes)
+
+
+@register_function(aten.unbind.int, selects=True, name="unbind")
+def _unbind(ctx):
+    return REGISTRY.functions[torch.unbind].rule(ctx)
+
