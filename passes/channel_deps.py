@@ -258,18 +258,27 @@ def _first_reason(comp: np.ndarray, entries: List[Tuple[np.ndarray, str]]) -> Di
 
 
 def _attach_nodes(gm: torch.fx.GraphModule, an: Analysis, groups: List[Group], index: GroupIndex) -> None:
-    for node in gm.graph.nodes:
+    """``node.meta["fxprune.groups"]`` and ``Group.nodes``: which groups each node carries."""
+    nodes = list(gm.graph.nodes)
+    node_ids, group_ids = [], []
+    for i, node in enumerate(nodes):
         out = an.channels.get(node.name)
         node.meta[META_CHANNELS] = out
-        seen = set()
+        node.meta["fxprune.groups"] = []
         for tc in _flatten_tc(out):
             for t in tc.dims:
                 if t is not None:
-                    seen.update(np.unique(index.group[t.units]).tolist())
-        seen.discard(-1)
-        node.meta["fxprune.groups"] = sorted(seen)
-        for g in seen:
-            groups[g].nodes.append(node.name)
+                    group_ids.append(index.group[t.units])
+                    node_ids.append(np.full(len(t), i, np.int64))
+    if not node_ids:
+        return
+    stride = len(groups) + 1
+    codes = np.unique(np.concatenate(node_ids) * stride + np.concatenate(group_ids) + 1)
+    for i, g in zip((codes // stride).tolist(), (codes % stride - 1).tolist()):
+        if g < 0:
+            continue
+        nodes[i].meta["fxprune.groups"].append(g)
+        groups[g].nodes.append(nodes[i].name)
 
 
 @dataclass

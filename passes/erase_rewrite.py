@@ -47,22 +47,28 @@ def apply_plan(gm: torch.fx.GraphModule, plan: ErasePlan) -> None:
     Parameters and modules are left as they are."""
     nodes = {n.name: n for n in gm.graph.nodes}
     gone = set(plan.removed)
-    for name, keep in plan.folds.items():
-        nodes[name].replace_all_uses_with(nodes[keep])
-        gone.add(name)
+    replace = dict(plan.folds)
     for name, kept in plan.cats.items():
         n = nodes[name]
         tensors = n.args[0] if n.args else n.kwargs["tensors"]
         new = [tensors[i] for i in kept]
         if len(new) == 1:
-            n.replace_all_uses_with(new[0])
-            gone.add(name)
+            replace[name] = new[0].name
         elif n.args:
             n.args = (type(tensors)(new),) + tuple(n.args[1:])
         else:
             kwargs = dict(n.kwargs)
             kwargs["tensors"] = type(tensors)(new)
             n.kwargs = kwargs
+
+    def final(name: str) -> str:
+        while name in replace:
+            name = replace[name]
+        return name
+
+    for name in replace:
+        nodes[name].replace_all_uses_with(nodes[final(name)])
+        gone.add(name)
     for n in reversed(list(gm.graph.nodes)):
         if n.name not in gone:
             continue
