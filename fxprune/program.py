@@ -104,7 +104,10 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, mode: Union[str, Seq
 
 
 def _front_end(model, inputs, frontend: str, **trace_kwargs) -> torch.fx.GraphModule:
+    """Symbolic tracing first (module-level graph, readable code); for timm models that fail,
+    again with timm's registry of non-traceable modules and functions; then torch.export."""
     from fxprune.passes import export, trace
+    from fxprune.passes.trace import timm_tracer
 
     from .errors import TraceError
 
@@ -115,7 +118,15 @@ def _front_end(model, inputs, frontend: str, **trace_kwargs) -> torch.fx.GraphMo
     try:
         return trace(model, **trace_kwargs)
     except TraceError as fx_error:
-        if frontend == "fx" or trace_kwargs.get("tracer") is not None:
+        if trace_kwargs.get("tracer") is not None:
+            raise
+        if type(model).__module__.startswith("timm."):
+            tracer = timm_tracer(trace_kwargs.get("leaf_modules", ()))
+            try:
+                return trace(model, concrete_args=trace_kwargs.get("concrete_args"), tracer=tracer)
+            except TraceError:
+                pass
+        if frontend == "fx":
             raise
         try:
             return export(model, inputs)

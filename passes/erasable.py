@@ -224,6 +224,7 @@ class EraseGraph:
         self.unit_extra: Dict[int, Dict[str, Tuple[int, np.ndarray]]] = {}
         self.children: Dict[int, Set[int]] = {}
         self._cat_drop: Dict[Tuple[str, int], CatDrop] = {}
+        self._producers: Dict[Tuple[int, bytes], List[Tuple[str, int, np.ndarray]]] = {}
 
     # ----------------------------------------------------------------- units
     def set_units(self, units: Sequence[Tuple[str, Iterable[str], Iterable[str], Mapping[str, Tuple[int, np.ndarray]]]]
@@ -280,31 +281,51 @@ class EraseGraph:
                                       f"(group {g}: {why})")
             channels[g] = np.unique(chans[gids == g])
         # the same channels must not also arrive through another input of the concat
-        for k, other in enumerate(j.operands):
-            if k == i or other == src:
+        mine = gids * (ca.index.channel.max() + 1) + chans
+        others = self._cat_codes(cat, exclude=src)
+        if len(others) and np.isin(mine, others).any():
+            return CatDrop(reason=f"concat {cat} receives the channels of {src} through another input too")
+        producers: Dict[str, Tuple[int, np.ndarray]] = {}
+        for g, ch in channels.items():
+            for param, dim, pos in self._group_producers(g, ch):
+                if param in producers:
+                    old_dim, old = producers[param]
+                    if old_dim != dim:
+                        return CatDrop(reason=f"parameter {param} produces the channels of {src} along two dims")
+                    pos = np.union1d(old, pos)
+                producers[param] = (dim, pos)
+        return CatDrop(channels, producers)
+
+    def _group_producers(self, g: int, ch: np.ndarray) -> List[Tuple[str, int, np.ndarray]]:
+        """``(param, dim, positions)`` of the producer slices of channels ``ch`` of group ``g`` (cached)."""
+        key = (g, ch.tobytes())
+        hit = self._producers.get(key)
+        if hit is None:
+            hit = []
+            full = len(ch) == self.ca.groups[g].size
+            for s in self.ca.groups[g].slices:
+                idx = s.index.numpy()
+                pos = idx if full else idx[np.isin(s.channel.numpy(), ch)]
+                if len(pos):
+                    hit.append((s.param, s.dim, np.unique(pos)))
+            self._producers[key] = hit
+        return hit
+
+    def _cat_codes(self, cat: str, exclude: str) -> np.ndarray:
+        """Group-channel codes of the concat's columns that do not come from ``exclude``."""
+        ca = self.ca
+        j = self.joints[cat]
+        width = ca.index.channel.max() + 1
+        parts = []
+        for other in j.operands:
+            if other == exclude:
                 continue
             otc = ca.analysis.channels.get(other)
             ot = otc.dims[j.dim] if isinstance(otc, TensorChannels) and j.dim < otc.ndim else None
-            if ot is None:
-                continue
-            og, oc = ca.index.group[ot.units], ca.index.channel[ot.units]
-            for g, ch in channels.items():
-                if np.isin(oc[og == g], ch).any():
-                    return CatDrop(reason=f"concat {cat} receives the channels of {src} through {other} too")
-        producers: Dict[str, Tuple[int, np.ndarray]] = {}
-        for g, ch in channels.items():
-            for s in ca.groups[g].slices:
-                mask = np.isin(s.channel.numpy(), ch)
-                if not mask.any():
-                    continue
-                pos = s.index.numpy()[mask]
-                if s.param in producers:
-                    dim, old = producers[s.param]
-                    if dim != s.dim:
-                        return CatDrop(reason=f"parameter {s.param} produces the channels of {src} along two dims")
-                    pos = np.union1d(old, pos)
-                producers[s.param] = (s.dim, np.unique(pos))
-        return CatDrop(channels, producers)
+            if ot is not None:
+                g = ca.index.group[ot.units]
+                parts.append((g * width + ca.index.channel[ot.units])[g >= 0])
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     # ----------------------------------------------------------------- planning
     def plan(self, ids: Iterable[int]) -> ErasePlan:

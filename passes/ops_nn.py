@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .channels import ZERO, TensorChannels, Track, norm_dim, state_const_map, state_mul
-from .registry import register_function, register_method, register_module
+from .registry import REGISTRY, register_function, register_method, register_module
 from .trace import training_dependent_modules
 
 # ============================================================================ helpers
@@ -715,3 +715,35 @@ def _channel_shuffle(ctx):
 def _channel_shuffle_fn(ctx):
     return channel_shuffle_channels(ctx, _x(ctx), ctx.arg(1, "groups"))
 
+
+
+# ============================================================================ timm's fused norm + activation
+
+
+def _norm_act(base_rule):
+    """timm's ``BatchNormAct2d``/``GroupNormAct``/``LayerNormAct``: the norm's semantics, then
+    the zero behaviour of the fused activation module (``self.act``)."""
+
+    def rule(ctx):
+        out = base_rule(ctx)
+        act = getattr(ctx.module, "act", None)
+        spec = REGISTRY.modules.get(type(act)) if act is not None else None
+        if act is None or (spec is not None and spec.name == "zero_preserving"):
+            return out
+        return out.map_state(state_const_map)
+
+    return rule
+
+
+try:
+    from timm.layers import norm_act as _timm_norm_act
+except ImportError:  # timm is optional
+    _timm_norm_act = None
+if _timm_norm_act is not None:
+    for _cls_name, _base, _rewrite in (("BatchNormAct2d", _batchnorm, _rewrite_batchnorm),
+                                       ("GroupNormAct", _groupnorm, _rewrite_groupnorm),
+                                       ("LayerNormAct", _layernorm, _rewrite_layernorm),
+                                       ("LayerNormAct2d", None, None)):
+        _cls = getattr(_timm_norm_act, _cls_name, None)
+        if _cls is not None and _base is not None:
+            register_module(_cls, name=f"{_cls_name}", rewrite=_rewrite)(_norm_act(_base))

@@ -111,6 +111,17 @@ def trace(model: torch.nn.Module, *, leaf_modules: Iterable[Union[type, str]] = 
     return gm
 
 
+def timm_tracer(leaf_modules: Iterable[Union[type, str]] = ()) -> Optional[FxPruneTracer]:
+    """A tracer that also keeps timm's registered non-traceable modules as leaves and wraps its
+    non-traceable functions (``timm.models._features_fx``); None when timm is not installed."""
+    try:
+        from timm.models._features_fx import get_notrace_functions, get_notrace_modules
+    except ImportError:
+        return None
+    return FxPruneTracer(tuple(leaf_modules) + tuple(get_notrace_modules()),
+                         autowrap_functions=tuple(get_notrace_functions()))
+
+
 def _inline_concrete(graph: torch.fx.Graph, concrete_args: Dict[str, Any], names: list) -> None:
     """torch.fx keeps a concrete argument as a placeholder guarded by an assert; fold the value
     in and drop the placeholder, so the GraphModule takes only the free inputs. Placeholders
