@@ -23,8 +23,8 @@ The gated module shares every parameter, buffer and module with the program (no 
 program's module is left untouched). Gate values live outside the graph, in the
 :class:`GateBank` submodule ``fxprune_gate`` that the graph calls once per forward pass
 (``fxprune_gates = self.fxprune_gate()``); :meth:`GatedGraphModule.set_gates` sets them
-(``None``: every gate is 1 and the gate layers return their input unchanged), so a controller can produce them with autograd
-and the loss of the gated model back-propagates into them.
+(``None``: every gate is 1 and the gate layers return their input unchanged). A controller may
+produce them with autograd: the loss of the gated model back-propagates into them.
 
 Channel order: the flat channel space of ``fxprune.optim._groups.ChannelLayout`` (the
 prunable groups in program order, each group's channels one after the other).
@@ -367,7 +367,7 @@ def insert_gates(source: Any) -> GatedGraphModule:
     new.group_offsets = list(layout.group_offsets)
     new.group_sizes = [int(g.size) for g in layout.groups]
     new.gate_points = points
-    new.train(gm.training)
+    new.training = gm.training  # the shared modules keep their own modes
     return new
 
 

@@ -120,20 +120,32 @@ def _addmm(ctx):
     return elementwise_channels(ctx, [prod, bias], "add")
 
 
-@register_function(aten._native_batch_norm_legit_no_training.default, name="batch_norm")
-def _bn_no_training(ctx):
-    x = _tc(ctx, ctx.arg(0))
-    tracks = [(_tc(ctx, ctx.arg(i)) or None) for i in (1, 2, 3, 4)]  # weight, bias, mean, var
-    tracks = [t.dims[0] if t is not None else None for t in tracks]
-    t = x.dims[1]
-    ctx.unify(t, *[p for p in tracks if p is not None])
-    if t is None:
-        return _with_stats(ctx, x)
-    affine = tracks[0] is not None
-    state = np.full(len(t), ZERO, np.int8) if affine else state_const_map(t.state)
-    dims = list(x.dims)
-    dims[1] = Track(t.units, state)
-    return _with_stats(ctx, TensorChannels(x.shape, dims))
+def _aten_batch_norm(training_index):
+    """``aten.batch_norm(input, weight, bias, running_mean, running_var, training, ...)`` and
+    ``_native_batch_norm_legit_no_training(input, weight, bias, running_mean, running_var, ...)``."""
+
+    def rule(ctx):
+        x = _tc(ctx, ctx.arg(0))
+        tracks = [_tc(ctx, ctx.arg(i)) for i in (1, 2, 3, 4)]  # weight, bias, mean, var
+        tracks = [t.dims[0] if t is not None else None for t in tracks]
+        t = x.dims[1]
+        ctx.unify(t, *[p for p in tracks if p is not None])
+        if t is None:
+            return _with_stats(ctx, x)
+        training = bool(ctx.arg(training_index)) if training_index is not None else False
+        if tracks[0] is not None:
+            state = np.full(len(t), ZERO, np.int8)
+        else:  # no affine: eval with running statistics maps zero to -mean/std
+            state = state_const_map(t.state) if (tracks[2] is not None and not training) else t.state.copy()
+        dims = list(x.dims)
+        dims[1] = Track(t.units, state)
+        return _with_stats(ctx, TensorChannels(x.shape, dims))
+
+    return rule
+
+
+register_function(aten.batch_norm.default, name="batch_norm")(_aten_batch_norm(5))
+register_function(aten._native_batch_norm_legit_no_training.default, name="batch_norm")(_aten_batch_norm(None))
 
 
 @register_function(aten.native_layer_norm.default, name="layer_norm")
