@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional, Sequence
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -16,13 +16,34 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _cpu_sdpa_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(q, k, v)
+
+
+def _native_mha_flops(q, k, v, embed_dim, num_heads, *args, out_shape=None, **kwargs) -> int:
+    """``nn.MultiheadAttention``'s fused inference path: q/k/v and output projections plus attention."""
+    b, lq, e = q
+    lk = k[1]
+    d = embed_dim // num_heads
+    proj = 2 * b * (lq + 2 * lk) * e * embed_dim + 2 * b * lq * embed_dim * embed_dim
+    return proj + sdpa_flop_count((b, num_heads, lq, d), (b, num_heads, lk, d), (b, num_heads, lk, d))
+
+
+# attention kernels that torch.utils.flop_counter does not count on the CPU
+_CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+    torch.ops.aten._native_multi_head_attention: _native_mha_flops,
+}
+
+
 def count_flops(model: torch.nn.Module, inputs: Sequence) -> int:
     """FLOPs of one eval-mode forward pass, as counted by ``torch.utils.flop_counter``
-    (a multiply-add counts 2 FLOPs; MACs = FLOPs / 2)."""
+    (a multiply-add counts 2 FLOPs; MACs = FLOPs / 2), with the CPU attention kernels it
+    misses counted by the same formulas it uses for the GPU ones."""
     was = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as counter:
             model(*inputs)
     finally:
         model.train(was)
