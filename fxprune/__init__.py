@@ -13,15 +13,16 @@ equals the trained model's.
 """
 from .errors import (CheckpointError, FxPruneError, RewriteError, TraceError, UnsupportedInputError,
                      VerificationError)
-from .ir import Group, Slice
+from .ir import Erasable, Group, Slice
 from .program import Program, compile
 from .report import Report, report
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "FxPruneError", "Group", "Program", "Report", "RewriteError", "Slice", "TraceError",
-    "UnsupportedInputError", "VerificationError", "compile", "report", "DHSPG", "load", "save",
+    "CheckpointError", "Erasable", "FxPruneError", "Group", "Program", "Report", "RewriteError", "Slice", "TraceError",
+    "UnsupportedInputError", "VerificationError", "compile", "report", "DHSPG", "H2SPG", "load", "save",
+    "ATO",
 ]
 
 
@@ -30,6 +31,14 @@ def __getattr__(name):  # optional parts load on first use
         from .optim import DHSPG
 
         return DHSPG
+    if name == "H2SPG":
+        from .optim import H2SPG
+
+        return H2SPG
+    if name == "ATO":
+        from .ato import ATO
+
+        return ATO
     if name in ("load", "save"):
         from . import io
 

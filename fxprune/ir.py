@@ -10,8 +10,9 @@ each channel of a group is one ZIG.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 
 
@@ -83,3 +84,49 @@ class Group:
             state += ", inexact"
         why = f", reason={self.reason!r}" if self.reason else ""
         return f"Group(id={self.id}, size={self.size}, {state}, params={self.params}{why})"
+
+
+@dataclass
+class Erasable:
+    """An operator-level erasable subgraph (OTOv3, Chen et al., arXiv 2312.09411, Sec. 3).
+
+    The operators that feed the rest of the network only through one value, ``sink``, whose
+    every consumer is a join (an add, or a concat whose consumers take a narrower input) that
+    keeps another input. With all of ``params`` (and ``slices``) zero the sink is exactly zero,
+    so the whole subgraph can be deleted and the join folded, with no change to the output.
+
+    Attributes:
+        id: stable integer id (order of the sink in the graph).
+        nodes: names of the graph nodes it deletes, in graph order.
+        params: qualified names of the parameters it owns (every entry is zeroed with it).
+        parents: ids of the erasables that contain it, and of those whose joint erasure
+            removes its input (e.g. every operator summed into a cell node it reads).
+        flops: FLOPs of its nodes on the example inputs (``torch.utils.flop_counter``).
+        num_params: parameter entries removed with it (``params`` plus ``slices``).
+        sink: the node whose value it computes.
+        joints: the add/concat nodes the sink feeds.
+        slices: producer slices outside the subgraph that are zeroed with it: the downstream
+            parameters (a norm's affine entries) of the channels a concat branch feeds.
+        channels: ``{group id: channel indices}`` removed downstream when it is erased (the
+            channels a concat branch contributes); empty for a branch of a sum.
+        children: ids of the erasables it contains.
+        kind: ``"sum"`` (its joins are adds), ``"concat"`` or ``"sum+concat"``.
+    """
+
+    id: int
+    nodes: List[str]
+    params: List[str]
+    parents: List[int] = field(default_factory=list)
+    flops: int = 0
+    num_params: int = 0
+    sink: str = ""
+    joints: List[str] = field(default_factory=list)
+    slices: List[Slice] = field(default_factory=list)
+    channels: Dict[int, np.ndarray] = field(default_factory=dict)
+    children: List[int] = field(default_factory=list)
+    kind: str = "sum"
+
+    def __repr__(self) -> str:
+        par = f", parents={self.parents}" if self.parents else ""
+        return (f"Erasable(id={self.id}, {self.kind}, sink={self.sink!r}, {len(self.nodes)} nodes, "
+                f"{self.num_params} params, {self.flops} FLOPs{par})")
