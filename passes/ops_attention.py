@@ -99,14 +99,14 @@ def _rewrite_mha(rctx) -> None:
     from fxprune.modules import PrunedMultiheadAttention
 
     m = rctx.module
-    inner = m.in_proj_weight.shape[0] // 3
-    m.out_proj.in_features = inner
+    inner, embed_dim = m.in_proj_weight.shape[0] // 3, m.in_proj_weight.shape[1]
+    m.out_proj.in_features, m.out_proj.out_features = inner, m.out_proj.weight.shape[0]
     if isinstance(m, PrunedMultiheadAttention):
-        m.num_heads = inner // m.head_dim
+        m.num_heads, m.embed_dim = inner // m.head_dim, embed_dim
         return
-    if inner == m.embed_dim:
+    if inner == m.embed_dim == embed_dim:
         return
-    new = PrunedMultiheadAttention(m.embed_dim, inner // m.head_dim, m.head_dim, bias=m.in_proj_bias is not None,
+    new = PrunedMultiheadAttention(embed_dim, inner // m.head_dim, m.head_dim, bias=m.in_proj_bias is not None,
                                    dropout=m.dropout, batch_first=m.batch_first)
     new.in_proj_weight = m.in_proj_weight
     new.in_proj_bias = m.in_proj_bias
