@@ -56,9 +56,11 @@ META_REJECTED = "fxprune.erasables_rejected"
 META_NODE_UNITS = "fxprune.erasable"
 META_FLOPS = "fxprune.flops"
 
-_CAT_FNS = tuple(f for f in (torch.cat, torch.concat, getattr(torch, "concatenate", None)) if f is not None)
-_ADD_FNS = (operator.add, operator.iadd, torch.add)
-_SUB_FNS = (operator.sub, operator.isub, torch.sub, torch.subtract)
+_aten = torch.ops.aten
+_CAT_FNS = tuple(f for f in (torch.cat, torch.concat, getattr(torch, "concatenate", None), _aten.cat.default)
+                 if f is not None)
+_ADD_FNS = (operator.add, operator.iadd, torch.add, _aten.add.Tensor, _aten.add_.Tensor)
+_SUB_FNS = (operator.sub, operator.isub, torch.sub, torch.subtract, _aten.sub.Tensor, _aten.sub_.Tensor)
 _INPLACE_FNS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
                 operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor)
 
@@ -119,6 +121,8 @@ def _mutated_input(node: torch.fx.Node, gm: torch.fx.GraphModule) -> Optional[st
         inplace = bool(getattr(gm.get_submodule(node.target), "inplace", False))
     elif node.op == "call_function":
         name = getattr(node.target, "__name__", "")
+        if isinstance(node.target, torch._ops.OpOverload):
+            name = node.target._schema.name.split("::")[-1]
         inplace = (node.kwargs.get("inplace") is True or node.target in _INPLACE_FNS
                    or (name.endswith("_") and not name.endswith("__")))
     elif node.op == "call_method":
@@ -501,7 +505,26 @@ class _Probe(torch.fx.Interpreter):
         return out
 
 
-def _numeric_zero(gm: torch.fx.GraphModule, nodes: Sequence[torch.fx.Node], sink: str, values: Mapping[str, Any]) -> bool:
+def _eval(gm: torch.nn.Module) -> List[Tuple[torch.nn.Module, bool]]:
+    """Put every module in eval mode; returns what :func:`_restore` needs to undo it."""
+    modes = [(m, m.training) for m in gm.modules()]
+    for m, _ in modes:
+        m.training = False
+    return modes
+
+
+def _restore(modes: List[Tuple[torch.nn.Module, bool]]) -> None:
+    for m, training in modes:
+        m.training = training
+
+
+def _zeros(t: torch.Tensor) -> torch.Tensor:
+    """A zero tensor shaped like ``t`` that allocates nothing (a broadcast view)."""
+    return torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
+
+
+def _numeric_zero(gm: torch.fx.GraphModule, nodes: Sequence[torch.fx.Node], sink: str,
+                  values: Mapping[str, Any]) -> bool:
     """Run the unit alone with zero parameters on the recorded inputs: is its sink all zero?"""
     env: Dict[str, Any] = {}
 
@@ -518,10 +541,10 @@ def _numeric_zero(gm: torch.fx.GraphModule, nodes: Sequence[torch.fx.Node], sink
                 for part in node.target.split("."):
                     val = getattr(val, part)
             elif isinstance(val, torch.nn.Parameter):
-                val = torch.zeros_like(val)
+                val = _zeros(val)
         elif node.op == "call_module":
             mod = gm.get_submodule(node.target)
-            state = {k: torch.zeros_like(p) for k, p in mod.named_parameters()}
+            state = {k: _zeros(p) for k, p in mod.named_parameters()}
             state.update({k: b.clone() for k, b in mod.named_buffers()})
             val = torch.func.functional_call(mod, state, tuple(args), kwargs)
         elif node.op == "call_function":
@@ -655,8 +678,7 @@ class ErasablePass(PassBase):
                 need.update(i for i in eg.inputs[n] if i not in inside)
         flops, values = self._probe(gm, need)
         eg.flops = flops
-        was = gm.training
-        gm.eval()
+        modes = _eval(gm)
         try:
             with torch.no_grad():
                 ok = []
@@ -664,14 +686,15 @@ class ErasablePass(PassBase):
                     try:
                         zero = _numeric_zero(gm, [by_name[n] for n in c["nodes"]], c["sink"], values)
                     except Exception as exc:
-                        rejected[c["sink"]] = f"running it alone with zero parameters failed: {type(exc).__name__}: {exc}"
+                        rejected[c["sink"]] = (f"running it alone with zero parameters failed: "
+                                               f"{type(exc).__name__}: {exc}")
                         continue
                     if not zero:
                         rejected[c["sink"]] = "its output is not zero on the example inputs when its parameters are"
                         continue
                     ok.append(c)
         finally:
-            gm.train(was)
+            _restore(modes)
         cands = ok
         del values
 
@@ -684,6 +707,18 @@ class ErasablePass(PassBase):
                 keep.append(c)
             else:
                 rejected[c["sink"]] = p.reason
+        # a unit that only gathers the units inside it (a partial sum of branches) is no operator
+        eg.set_units([(c["sink"], c["nodes"], c["params"], c["extra"]) for c in keep])
+        own = []
+        for k, c in enumerate(keep):
+            inner = set()
+            for w in eg.children[k]:
+                inner |= eg.unit_params[w]
+            if set(c["params"]) <= inner:
+                rejected[c["sink"]] = "it owns no parameters beyond the erasable operators it contains"
+            else:
+                own.append(c)
+        keep = own
         eg.set_units([(c["sink"], c["nodes"], c["params"], c["extra"]) for c in keep])
 
         erasables = self._build(gm, eg, keep, flops, by_name)
@@ -716,14 +751,13 @@ class ErasablePass(PassBase):
         return _abstract_zero(gm, ca, [by_name[n] for n in nodes], sink)
 
     def _probe(self, gm: torch.fx.GraphModule, keep: Set[str]) -> Tuple[Dict[str, int], Dict[str, Any]]:
-        was = gm.training
-        gm.eval()
+        modes = _eval(gm)
         try:
             with torch.no_grad():
                 probe = _Probe(gm, keep)
                 probe.run(*self.example_inputs)
         finally:
-            gm.train(was)
+            _restore(modes)
         return probe.flops, probe.values
 
     @staticmethod

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import ops_attention  # noqa: F401  (entries aliased below)
 from .channels import ZERO, TensorChannels, Track, norm_dim, state_const_map
-from .ops_nn import conv_channels, layernorm_channels
+from .ops_nn import _dim0, conv_channels, embedding_channels, functional_norm_channels, layernorm_channels
 from .ops_tensor import _pieces, elementwise_channels, matmul_channels
 from .registry import REGISTRY, register_function
 
@@ -86,15 +86,8 @@ def _with_stats(ctx, out: TensorChannels):
 
 @register_function(aten.embedding.default, name="embedding")
 def _embedding(ctx):
-    """``aten.embedding(weight, indices)``: rows looked up by index, columns are channels."""
-    w = _tc(ctx, ctx.arg(0, "weight"))
-    idx = _tc(ctx, ctx.arg(1, "indices"))
-    if w is None or idx is None or w.ndim != 2:
-        return ctx.unknown("embedding of a computed table")
-    ctx.pin(w.dims[0], "embedding rows are addressed by token index")
-    col = w.dims[1]
-    out = None if col is None else Track(col.units, np.full(len(col), ZERO, np.int8))
-    return TensorChannels(ctx.out_shape, list(idx.dims) + [out])
+    """``aten.embedding(weight, indices)``."""
+    return embedding_channels(ctx, _tc(ctx, ctx.arg(0, "weight")), _tc(ctx, ctx.arg(1, "indices")))
 
 
 @register_function(aten.convolution.default, name="conv")
@@ -125,21 +118,10 @@ def _aten_batch_norm(training_index):
     ``_native_batch_norm_legit_no_training(input, weight, bias, running_mean, running_var, ...)``."""
 
     def rule(ctx):
-        x = _tc(ctx, ctx.arg(0))
-        tracks = [_tc(ctx, ctx.arg(i)) for i in (1, 2, 3, 4)]  # weight, bias, mean, var
-        tracks = [t.dims[0] if t is not None else None for t in tracks]
-        t = x.dims[1]
-        ctx.unify(t, *[p for p in tracks if p is not None])
-        if t is None:
-            return _with_stats(ctx, x)
+        weight, bias, mean, var = (_dim0(ctx, ctx.arg(i)) for i in (1, 2, 3, 4))
         training = bool(ctx.arg(training_index)) if training_index is not None else False
-        if tracks[0] is not None:
-            state = np.full(len(t), ZERO, np.int8)
-        else:  # no affine: eval with running statistics maps zero to -mean/std
-            state = state_const_map(t.state) if (tracks[2] is not None and not training) else t.state.copy()
-        dims = list(x.dims)
-        dims[1] = Track(t.units, state)
-        return _with_stats(ctx, TensorChannels(x.shape, dims))
+        return _with_stats(ctx, functional_norm_channels(ctx, _tc(ctx, ctx.arg(0)), mean, var, weight, bias,
+                                                         uses_stats=not training))
 
     return rule
 

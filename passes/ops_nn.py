@@ -385,26 +385,40 @@ def _rewrite_layernorm_fn(rctx) -> None:
         rctx.set_arg(1, "normalized_shape", type(shape)(rctx.new_shape(x)[-len(shape):]))
 
 
-@register_function(F.instance_norm, name="instance_norm")
-def _instancenorm_fn(ctx):
-    x = _x(ctx)
-    tracks = []
-    for i, name in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")):
-        v = ctx.ch(ctx.arg(i, name, None))
-        tracks.append(v.dims[0] if isinstance(v, TensorChannels) else None)
+def functional_norm_channels(ctx, x: TensorChannels, mean, var, weight, bias, uses_stats: bool) -> TensorChannels:
+    """Batch/instance norm written as a function: per-channel statistics and affine tensors
+    (tracks or None) on dim 1; without an affine scale, running statistics map zero to
+    ``-mean/std``."""
     t = x.dims[1]
-    ctx.unify(t, *[p for p in tracks if p is not None])
+    ctx.unify(t, *[p for p in (mean, var, weight, bias) if p is not None])
     if t is None:
         return x
-    uses_stats = tracks[0] is not None and not ctx.arg(5, "use_input_stats", True)
-    return _with_dim(x, 1, Track(t.units, _affine_state(tracks[2] is not None, t, zero_maps_to_const=uses_stats)))
+    return _with_dim(x, 1, Track(t.units, _affine_state(weight is not None, t,
+                                                           zero_maps_to_const=uses_stats and mean is not None)))
 
 
-@register_function(F.embedding, name="embedding")
-def _embedding_fn(ctx):
-    idx = _x(ctx)
-    w = ctx.ch(ctx.arg(1, "weight"))
-    if not isinstance(w, TensorChannels) or w.ndim != 2:
+def _dim0(ctx, value) -> Optional[Track]:
+    v = ctx.ch(value)
+    return v.dims[0] if isinstance(v, TensorChannels) else None
+
+
+@register_function(F.instance_norm, name="instance_norm")
+def _instancenorm_fn(ctx):
+    stats = [_dim0(ctx, ctx.arg(i, n, None)) for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"),
+                                                           (4, "bias"))]
+    return functional_norm_channels(ctx, _x(ctx), *stats, uses_stats=not ctx.arg(5, "use_input_stats", True))
+
+
+@register_function(F.batch_norm, name="batch_norm")
+def _batchnorm_fn(ctx):
+    stats = [_dim0(ctx, ctx.arg(i, n, None)) for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"),
+                                                           (4, "bias"))]
+    return functional_norm_channels(ctx, _x(ctx), *stats, uses_stats=not ctx.arg(5, "training", False))
+
+
+def embedding_channels(ctx, w: Optional[TensorChannels], idx: TensorChannels) -> TensorChannels:
+    """A table lookup: rows are addressed by index (frozen), columns are the output channels."""
+    if w is None or w.ndim != 2:
         return ctx.unknown("embedding of a computed table")
     ctx.pin(w.dims[0], "embedding rows are addressed by token index")
     col = w.dims[1]
@@ -412,21 +426,10 @@ def _embedding_fn(ctx):
     return TensorChannels(ctx.out_shape, list(idx.dims) + [out])
 
 
-@register_function(F.batch_norm, name="batch_norm")
-def _batchnorm_fn(ctx):
-    x = _x(ctx)
-    tracks = []
-    for i, name in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")):
-        v = ctx.ch(ctx.arg(i, name, None))
-        tracks.append(v.dims[0] if isinstance(v, TensorChannels) else None)
-    t = x.dims[1]
-    ctx.unify(t, *[p for p in tracks if p is not None])
-    if t is None:
-        return x
-    training = ctx.arg(5, "training", False)
-    affine = tracks[2] is not None and tracks[3] is not None
-    uses_stats = tracks[0] is not None and not training
-    return _with_dim(x, 1, Track(t.units, _affine_state(affine, t, zero_maps_to_const=uses_stats)))
+@register_function(F.embedding, name="embedding")
+def _embedding_fn(ctx):
+    w = ctx.ch(ctx.arg(1, "weight"))
+    return embedding_channels(ctx, w if isinstance(w, TensorChannels) else None, _x(ctx))
 
 
 @register_module(nn.LocalResponseNorm, nn.CrossMapLRN2d, name="local_response_norm")
