@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the channels and starts pruning")
     opt("--pruning-epochs", float, d.pruning_epochs, "epochs over which DHSPG reaches the target")
     opt("--epsilon", float, d.epsilon, "DHSPG half-space epsilon")
+    opt("--mode", str, d.mode, "prune: DHSPG zeroes channels; erase: H2SPG erases whole operators "
+        "(OTOv3; e.g. --model fxprune.supernet:darts_supernet)", choices=("prune", "erase"))
     opt("--seed", int, d.seed, "random seed (model initialisation and data order)")
     opt("--image-size", int, d.image_size, "input images are resized to this square size")
     opt("--train-subset", int, "all", "use only the first N training examples")

@@ -10,6 +10,7 @@ import torch.fx
 _PALETTE = ["#8dd3c7", "#ffffb3", "#bebada", "#fb8072", "#80b1d3", "#fdb462", "#b3de69", "#fccde5",
             "#d9d9d9", "#bc80bd", "#ccebc5", "#ffed6f", "#a6cee3", "#b2df8a", "#fb9a99", "#cab2d6"]
 _FROZEN = "#eeeeee"
+_BORDERS = ["#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#a65628", "#f781bf", "#999999"]
 
 
 def _q(text: str) -> str:
@@ -65,7 +66,27 @@ def program_to_dot(prog) -> pydot.Dot:
         color = _PALETTE[g.id % len(_PALETTE)] if g.prunable else _FROZEN
         legend.add_node(pydot.Node(_q(f"group_{g.id}"), label=_q(text).replace("\\\\n", "\\n"), fillcolor=color))
     dot.add_subgraph(legend)
+    _draw_erasables(dot, getattr(prog, "erasables", None) or [])
     return dot
+
+
+def _draw_erasables(dot: pydot.Dot, erasables) -> None:
+    """Outline the nodes of every erasable operator (innermost colour wins) and list them."""
+    if not erasables:
+        return
+    legend = pydot.Cluster("erasables", label="erasable operators", fontname="Helvetica")
+    for e in sorted(erasables, key=lambda e: (-len(e.nodes), e.id)):
+        color = _BORDERS[e.id % len(_BORDERS)]
+        for name in e.nodes:
+            for n in dot.get_node(_q(name)):
+                n.set("color", color)
+                n.set("penwidth", "3")
+        text = f"erasable {e.id} ({e.kind}): {len(e.nodes)} nodes, {e.num_params} params, {e.flops} FLOPs"
+        if e.parents:
+            text += f"\\nparents {e.parents[:8]}" + ("..." if len(e.parents) > 8 else "")
+        legend.add_node(pydot.Node(_q(f"erasable_{e.id}"), label=_q(text).replace("\\\\n", "\\n"),
+                                   color=color, penwidth="3", fillcolor="white"))
+    dot.add_subgraph(legend)
 
 
 def ir_text(gm: torch.fx.GraphModule) -> str:

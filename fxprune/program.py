@@ -345,13 +345,10 @@ class Program:
 
 
 def _run(module: torch.nn.Module, inputs: Sequence) -> list:
-    was = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            out = module(*inputs)
-    finally:
-        module.train(was)
+    from fxprune.passes.modes import eval_mode
+
+    with torch.no_grad(), eval_mode(module):
+        out = module(*inputs)
     leaves, _ = tree_flatten(out)
     return [x for x in leaves if isinstance(x, torch.Tensor)]
 

@@ -10,6 +10,8 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from fxprune.passes.modes import eval_mode
+
 
 def count_params(model: torch.nn.Module) -> int:
     """Number of distinct parameter elements (tied parameters counted once)."""
@@ -40,30 +42,20 @@ def count_flops(model: torch.nn.Module, inputs: Sequence) -> int:
     """FLOPs of one eval-mode forward pass, as counted by ``torch.utils.flop_counter``
     (a multiply-add counts 2 FLOPs; MACs = FLOPs / 2), with the CPU attention kernels it
     misses counted by the same formulas it uses for the GPU ones."""
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as counter:
-            model(*inputs)
-    finally:
-        model.train(was)
+    with torch.no_grad(), eval_mode(model), FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as counter:
+        model(*inputs)
     return int(counter.get_total_flops())
 
 
 def latency_ms(model: torch.nn.Module, inputs: Sequence, repeats: int = 10, warmup: int = 2) -> float:
     """Median wall time of one eval forward pass under ``torch.inference_mode``, in ms."""
-    was = model.training
-    model.eval()
     times = []
-    try:
-        with torch.inference_mode():
-            for i in range(warmup + repeats):
-                t0 = time.perf_counter()
-                model(*inputs)
-                if i >= warmup:
-                    times.append((time.perf_counter() - t0) * 1e3)
-    finally:
-        model.train(was)
+    with torch.inference_mode(), eval_mode(model):
+        for i in range(warmup + repeats):
+            t0 = time.perf_counter()
+            model(*inputs)
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 

@@ -66,6 +66,7 @@ class TrainConfig:
     image_size: int = 32
     train_subset: Optional[int] = None
     test_subset: Optional[int] = None
+    mode: str = "prune"  # "prune": DHSPG zeroes channels; "erase": H2SPG erases whole operators (OTOv3)
 
 
 # Settings a resumed run may change; every other one must match the checkpoint.
@@ -309,10 +310,10 @@ def train(config: TrainConfig, options: Optional[RunOptions] = None,
                             config.image_size).to(device)
     example = (splits.train[0][0].unsqueeze(0).to(device),)
     model.eval()  # tracing runs the model once; eval keeps BatchNorm statistics untouched
-    prog = fxprune.compile(model, example)
+    prog = fxprune.compile(model, example, mode=config.mode)
     net = prog.module
     spe = steps_per_epoch(len(splits.train), config.batch_size)
-    opt = fxprune.DHSPG(
+    opt = (fxprune.H2SPG if config.mode == "erase" else fxprune.DHSPG)(
         prog, lr=config.lr, variant=config.optimizer, momentum=config.momentum,
         weight_decay=config.weight_decay, target_group_sparsity=config.target_group_sparsity,
         start_pruning_step=round(config.start_pruning_epoch * spe),
@@ -426,6 +427,8 @@ def finish(prog, opt, splits, test_loader, example, config: TrainConfig, out: st
         "group_sparsity": metrics["group_sparsity"],
         "zero_channels": metrics["zero_channels"],
         "prunable_channels": metrics["prunable_channels"],
+        **({"erased_operators": metrics["erased_units"], "erasable_operators": metrics["units"]}
+           if config.mode == "erase" else {}),
         "test_examples": len(splits.test),
         "history": history,
         "slim_dir": os.path.join(out, "slim"),
@@ -450,9 +453,10 @@ def summary_table(report: Dict[str, Any], out: str) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i])
                        for i, c in enumerate(r)) for r in rows]
-    lines += [f"group sparsity {report['group_sparsity']:.3f} "
-              f"({report['zero_channels']}/{report['prunable_channels']} channels), "
-              f"max |full - slim| output {report['max_abs_output_diff']:.2e}",
+    sparsity = (f"erased operators {report['erased_operators']}/{report['erasable_operators']}"
+                if "erased_operators" in report else f"group sparsity {report['group_sparsity']:.3f} "
+                f"({report['zero_channels']}/{report['prunable_channels']} channels)")
+    lines += [f"{sparsity}, max |full - slim| output {report['max_abs_output_diff']:.2e}",
               f"training {report['wall_time_s']['train']:.0f} s wall, "
               f"{report['cpu_time_s']['train']:.0f} s CPU; slim model in "
               f"{report['slim_dir']}, report in {os.path.join(out, 'report.json')}"]
@@ -460,6 +464,8 @@ def summary_table(report: Dict[str, Any], out: str) -> str:
 
 
 def _check(config: TrainConfig) -> None:
+    if config.mode not in ("prune", "erase"):
+        raise ValueError(f"--mode must be prune or erase, not {config.mode!r}")
     if config.optimizer not in ("sgd", "adam", "adamw"):
         raise ValueError(f"--optimizer must be sgd, adam or adamw, not {config.optimizer!r}")
     if config.epochs < 1 or config.batch_size < 1:

@@ -12,6 +12,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fxprune.errors import UnsupportedInputError
 
+from .modes import eval_mode
+
 
 class ShapePropPass(PassBase):
     name = "shape_prop"
@@ -21,17 +23,13 @@ class ShapePropPass(PassBase):
         self.example_inputs = tuple(example_inputs)
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        was_training = gm.training
-        gm.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), eval_mode(gm):
                 ShapeProp(gm).propagate(*self.example_inputs)
         except Exception as exc:
             raise UnsupportedInputError(
                 f"the model does not run on the example inputs "
                 f"({', '.join(_describe(x) for x in self.example_inputs)}): {type(exc).__name__}: {exc}") from exc
-        finally:
-            gm.train(was_training)
         return PassResult(gm, False)
 
 

@@ -20,6 +20,8 @@ import torch.fx
 
 from fxprune.errors import TraceError
 
+from .modes import eval_mode
+
 
 def training_dependent_modules() -> Tuple[type, ...]:
     """Modules whose forward branches on ``self.training`` (stochastic depth): kept as leaves so
@@ -95,19 +97,16 @@ def trace(model: torch.nn.Module, *, leaf_modules: Iterable[Union[type, str]] = 
     if isinstance(model, torch.fx.GraphModule):
         return model
     tr = tracer if tracer is not None else FxPruneTracer(leaf_modules)
-    was_training = model.training
-    model.eval()  # Python branches on self.training are resolved as in inference
     try:
-        graph = tr.trace(model, concrete_args=concrete_args)
+        with eval_mode(model):  # Python branches on self.training are resolved as in inference
+            graph = tr.trace(model, concrete_args=concrete_args)
     except Exception as exc:
         raise _trace_error(model, exc) from exc
-    finally:
-        model.train(was_training)
     if concrete_args:
         _inline_concrete(graph, concrete_args, list(inspect.signature(model.forward).parameters))
     name = model.__class__.__name__
     gm = torch.fx.GraphModule(tr.root, graph, name)
-    gm.train(was_training)
+    gm.training = model.training
     return gm
 
 
@@ -144,14 +143,11 @@ def export(model: torch.nn.Module, example_inputs: tuple) -> torch.fx.GraphModul
     The graph is exported in eval mode; its parameters are re-pointed at the model's own, so
     training the GraphModule trains the model. Raises :class:`fxprune.TraceError`.
     """
-    was_training = model.training
-    model.eval()
     try:
-        gm = torch.export.export(model, tuple(example_inputs), strict=False).module()
+        with eval_mode(model):
+            gm = torch.export.export(model, tuple(example_inputs), strict=False).module()
     except Exception as exc:
         raise TraceError(f"torch.export cannot export {type(model).__qualname__}: {type(exc).__name__}: {exc}") from exc
-    finally:
-        model.train(was_training)
     own = dict(model.named_parameters(remove_duplicate=False))
     own.update(dict(model.named_buffers(remove_duplicate=False)))
     for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):

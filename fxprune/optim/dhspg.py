@@ -3,7 +3,7 @@
 Reference: T. Chen, L. Liang, T. Ding, Z. Zhu, I. Zharkov. "OTOv2: Automatic, Generic,
 User-Friendly". ICLR 2023, Sec. 4 and Algorithm 2; the half-space projection comes from HSPG
 (T. Chen et al., "A Half-Space Stochastic Projected Gradient Method for Group Sparsity
-Regularization", 2020). The notation follows ``ALGORITHMS.md``: ``x_g`` the flattened
+Regularization", 2020). Notation: ``x_g`` the flattened
 variables of one zero-invariant group (here: one channel of one prunable group), ``n_g``
 their count, ``d_g`` the base optimizer's update direction, ``alpha`` the learning rate.
 """
@@ -52,7 +52,7 @@ class DHSPG(torch.optim.Optimizer):
 
     1. ``step < start_pruning_step``: every parameter takes ``x <- x - lr * d``.
     2. At the first step ``>= start_pruning_step`` the channels are partitioned by the
-       redundancy saliency (ALGORITHMS.md, DHSPG 1)
+       redundancy saliency of OTOv2 (Sec. 4)
        ``s_g = 0.5 N(cos(x_g, d_g)) + 0.5 N(1 / (||x_g|| / n_g + 1e-6))``, ``N`` the division
        by the L2 norm over all channels. The ``K`` channels of highest ``s_g`` form the
        redundant set ``G_r``; the others are important (``G_i``). The channel of lowest

@@ -3,8 +3,8 @@
 Reference: T. Chen, T. Ding, Z. Zhu, Z. Chen, H. Wu, I. Zharkov, L. Liang. "OTOv3: Automatic
 Architecture-Agnostic Neural Network Training and Compression from Structured Pruning to
 Erasing Operators". arXiv 2312.09411, Sec. 4 (H2SPG). The reference code never released the
-erasing mode; this is fxprune's implementation of the algorithm as the paper describes it
-(see ``ALGORITHMS.md``): the zero-invariant groups are whole operators (the program's
+erasing mode; this is fxprune's implementation of the algorithm as the paper describes it:
+the zero-invariant groups are whole operators (the program's
 :class:`fxprune.Erasable` units), and the redundant set is chosen so that erasing it keeps the
 network valid. The update itself is DHSPG's (OTOv2), which this class reuses unchanged.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from types import SimpleNamespace
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -302,7 +302,8 @@ class H2SPG(DHSPG):
         self._erased_cache = None
 
 
-def _unit_groups(prog: Any, units: Sequence[Any]) -> Tuple[Group, Dict[int, List[Tuple[torch.Tensor, int, torch.Tensor]]]]:
+def _unit_groups(prog: Any, units: Sequence[Any]
+                 ) -> Tuple[Group, Dict[int, List[Tuple[torch.Tensor, int, torch.Tensor]]]]:
     """One pseudo-group whose channel ``u`` is unit ``u``'s atom: the rows it owns.
 
     A parameter's rows are counted along dim 0, or along the dim its units' ``slices`` use.
