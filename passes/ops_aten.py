@@ -223,3 +223,10 @@ def _split(ctx):
 def _unbind(ctx):
     return REGISTRY.functions[torch.unbind].rule(ctx)
 
+
+@register_function(*[getattr(aten, n).default for n in ("_assert_tensor_metadata", "_assert_scalar",
+                                                        "sym_constrain_range_for_size") if hasattr(aten, n)],
+                   selects=True, name="assertion")
+def _assertion(ctx):
+    """Shape and dtype checks that torch.export leaves in the graph: they read no values."""
+    return None

@@ -642,8 +642,13 @@ def _pad(ctx):
     pad = ctx.arg(1, "pad")
     if not isinstance(pad, (list, tuple)):
         return ctx.unknown("padding with computed sizes")
-    n = (len(pad) + 1) // 2
-    out = spatial_channels(ctx, x, n)
+    dims = list(x.dims)
+    for k in range(len(pad) // 2):  # (left, right) pairs from the last dim backwards
+        d = x.ndim - 1 - k
+        if pad[2 * k] or pad[2 * k + 1]:
+            ctx.pin(dims[d], "channels padded")
+            dims[d] = None
+    out = TensorChannels(ctx.out_shape, dims)
     value = ctx.arg(3, "value", 0) if ctx.node.target is F.pad else ctx.arg(2, "value", 0)
     mode = ctx.arg(2, "mode", "constant") if ctx.node.target is F.pad else "constant"
     return out if (mode != "constant" or not value) else out.map_state(state_const_map)
