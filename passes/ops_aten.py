@@ -43,6 +43,7 @@ ALIASES = {
     torch.mean: [aten.mean.dim], torch.sum: [aten.sum.dim_IntList], torch.amax: [aten.amax.default],
     torch.amin: [aten.amin.default], torch.var: _overloads(aten.var, ["correction", "dim"]),
     torch.matmul: [aten.matmul.default, aten.bmm.default, aten.mm.default],
+    torch.where: _overloads(aten.where, ["self", "ScalarOther", "ScalarSelf", "Scalar"]),
     F.layer_norm: [aten.layer_norm.default], F.group_norm: [aten.group_norm.default],
     F.scaled_dot_product_attention: [aten.scaled_dot_product_attention.default],
     F.softmax: [aten.softmax.int, aten._softmax.default], F.log_softmax: [aten.log_softmax.int, aten._log_softmax.default],

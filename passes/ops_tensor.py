@@ -127,6 +127,14 @@ def _pow(ctx):
     return x if e > 0 else x.map_state(state_const_map)
 
 
+@register_function(torch.where, name="where")
+@register_method("where", name="where")
+def _where(ctx):
+    """``where(cond, a, b)``: elementwise, broadcast; a zeroed channel stays zero only where
+    both branches are zero (a scalar branch counts as a constant)."""
+    return elementwise_channels(ctx, [ctx.arg(0, "condition"), ctx.arg(1, "input"), ctx.arg(2, "other")], "add")
+
+
 @register_function(torch.clamp_min, name="clamp")
 @register_method("clamp_min", "clamp_min_", name="clamp")
 def _clamp_min(ctx):

@@ -1,0 +1,175 @@
+"""Transformers through fxprune: torchvision ViT / Swin / MaxViT, timm families, HuggingFace.
+
+For every model of ``benchmarks/transformers_sweep.py`` (its list, builders and group
+classifier; random weights, never downloaded):
+
+* equivalence (``fxprune.testing.check_equivalence``): float64, eval mode, 30-50% of every
+  prunable exact group zeroed, slim model vs zeroed full model, relative difference <= 1e-6,
+  and the slim model strictly smaller;
+* the groups: attention-head groups and MLP (hidden-width) groups are found and prunable
+  where the architecture has them; every frozen or inexact group says why;
+* residual-stream groups, normalised by a LayerNorm / RMSNorm / GroupNorm, are inexact with a
+  reason naming the normalisation (or, for an RMSNorm written out by hand and exported, the
+  mean over channels it takes) and are not prunable by default; with
+  ``allow_inexact=True`` they are, the slim model is built, and the output difference it
+  causes is measured and reported (``record_property("inexact_rel_diff", ...)``, printed with
+  ``-s``); it is not required to be small.
+
+* grouped-query attention (HuggingFace Llama, 4 query / 2 key-value heads): a head group is a
+  key/value head together with the query heads that share it.
+
+Models are built as the sweep builds them, except torchvision's two ViT-L, which are built with 8
+of their 24 layers (``Spec.light``) to fit a shared machine's memory.
+
+The fast tier (timm vit / deit / swin tiny, HuggingFace BERT / GPT-2 / Llama / ViT / T5 small
+configs) runs by default; every other model is ``slow``:
+``pytest -m slow tests/test_transformers.py``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import transformers_sweep as sweep  # noqa: E402  (model list, builders, group classifier)
+import fxprune  # noqa: E402
+from fxprune.program import max_output_difference  # noqa: E402
+from fxprune.report import count_params  # noqa: E402
+from fxprune.testing import check_equivalence, randomize_norms  # noqa: E402
+
+RTOL = 1e-6
+
+PARAMS = [pytest.param(name, id=name, marks=() if spec.fast else pytest.mark.slow)
+          for name, spec in sweep.MODELS.items()]
+# architectures with a normalised residual stream (LeViT, say, normalises with BatchNorm only)
+RESIDUAL = [p for p in PARAMS if sweep.MODELS[p.values[0]].residual]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small models on a shared CPU: one intra-op thread is faster than an oversubscribed pool."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _kinds(prog, model):
+    kinds = sweep.classify(prog, model)
+    by_kind = {}
+    for g in prog.groups:
+        by_kind.setdefault(kinds[g.id], []).append(g)
+    return kinds, by_kind
+
+
+def _describe(prog, kinds) -> str:
+    return "\n".join(f"  [{kinds[g.id]}] {g!r}" for g in prog.groups)
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_equivalence_and_groups(name, record_property):
+    spec = sweep.MODELS[name]
+    model, inputs = spec.build_light()
+    res = check_equivalence(model, inputs, seed=0, frac=(0.3, 0.5), dtype=torch.float64, rtol=RTOL)
+    prog = res.prog
+    kinds, by_kind = _kinds(prog, model)
+    listing = _describe(prog, kinds)
+    counts = {k: len(v) for k, v in by_kind.items()}
+    record_property("group_kinds", counts)
+    record_property("frontend", sweep.frontend_of(prog))
+
+    assert prog.groups, f"{name}: no groups found"
+    assert res.max_rel_diff <= RTOL
+    for g in prog.groups:
+        if not (g.prunable and g.exact):
+            assert g.reason, f"{name}: group {g.id} is frozen or inexact without a reason: {g!r}"
+
+    exact = [g for g in prog.groups if g.prunable and g.exact]
+    assert exact, f"{name}: no prunable exact group:\n{listing}"
+    assert res.zeroed_channels > 0
+    assert res.params_slim < res.params_full
+
+    if spec.heads:
+        heads = [g for g in by_kind.get("head", []) if g.prunable and g.exact]
+        assert heads, f"{name}: no prunable attention-head group:\n{listing}"
+    if spec.mlp:
+        mlps = [g for g in by_kind.get("mlp", []) if g.prunable and g.exact]
+        assert mlps, f"{name}: no prunable MLP group:\n{listing}"
+    for g in by_kind.get("residual", []):
+        assert not g.prunable, f"{name}: residual-stream group prunable by default: {g!r}"
+    if spec.residual:
+        inexact = [g for g in by_kind.get("residual", []) if not g.exact]
+        assert inexact, (f"{name}: no residual-stream group is inexact through its normalisation "
+                         f"(frozen for another reason?):\n{listing}")
+        for g in inexact:  # a norm module, or a hand-written one (x * rsqrt(mean(x^2)), exported)
+            assert re.search(r"norm|mean over channels", g.reason), (
+                f"{name}: inexact residual group whose reason is not its normalisation: {g!r}")
+
+
+@pytest.mark.parametrize("name", RESIDUAL)
+def test_residual_inexact(name, record_property):
+    """Residual groups are inexact and frozen by default; ``allow_inexact=True`` makes them
+    prunable, the slim model builds and runs, and its output difference is measured."""
+    model, inputs = sweep.MODELS[name].build_light()
+    full = copy.deepcopy(model).double().eval()
+    randomize_norms(full, 0)
+    x = tuple(t.double() if t.is_floating_point() else t for t in inputs)
+
+    strict = fxprune.compile(full, x)
+    kinds, by_kind = _kinds(strict, model)
+    inexact = [g for g in by_kind.get("residual", []) if not g.exact]
+    assert inexact, f"{name}: no inexact residual-stream group:\n{_describe(strict, kinds)}"
+    assert not any(g.prunable for g in inexact)
+
+    loose = fxprune.compile(full, x, allow_inexact=True)
+    kinds2, _ = _kinds(loose, model)
+    assert [(g.size, g.exact) for g in loose.groups] == [(g.size, g.exact) for g in strict.groups]
+    residual = [g.id for g in loose.groups if kinds2[g.id] == "residual" and not g.exact]
+    assert residual and all(loose.groups[i].prunable for i in residual), (
+        f"{name}: allow_inexact=True left residual groups frozen:\n{_describe(loose, kinds2)}")
+    loose.zero_(sweep.zero_half(loose, residual))
+    slim = loose.construct_subnet(verify=False)
+    diff, scale = max_output_difference(loose.module, slim, loose.example_inputs)
+    rel = diff / scale if scale else diff
+    record_property("inexact_rel_diff", rel)
+    print(f"\n{name}: {len(residual)} residual group(s) halved with allow_inexact=True: "
+          f"params {count_params(loose.module)} -> {count_params(slim)}, output rel diff {rel:.3e}")
+    assert count_params(slim) < count_params(loose.module)
+    assert math.isfinite(rel)
+
+
+def test_llama_grouped_query_heads():
+    """Each head group of a GQA Llama owns one key/value head and its n_rep query heads: the
+    rows of k_proj/v_proj of that head, the rows of q_proj of its query heads and the matching
+    columns of o_proj; removing one drops 1 of 2 kv heads and 2 of 4 query heads."""
+    model, inputs = sweep.MODELS["hf/llama"].build()
+    cfg = model.config
+    d = cfg.hidden_size // cfg.num_attention_heads
+    n_rep = cfg.num_attention_heads // cfg.num_key_value_heads
+    res = check_equivalence(model, inputs, seed=0, rtol=RTOL)
+    prog = res.prog
+    kinds, by_kind = _kinds(prog, model)
+    heads = by_kind.get("head", [])
+    assert len(heads) == cfg.num_hidden_layers, _describe(prog, kinds)
+    for g in heads:
+        assert g.prunable and g.exact and g.size == cfg.num_key_value_heads, repr(g)
+        layer = re.search(r"layers\.(\d+)\.", g.params[0]).group(1)
+        rows = {s.param.rsplit(".", 2)[-2]: s for s in g.slices}
+        assert set(rows) == {"q_proj", "k_proj", "v_proj"}, repr(g)
+        for c in range(g.size):
+            assert sorted(rows["k_proj"].indices_of(c).tolist()) == list(range(c * d, (c + 1) * d))
+            assert sorted(rows["v_proj"].indices_of(c).tolist()) == list(range(c * d, (c + 1) * d))
+            assert sorted(rows["q_proj"].indices_of(c).tolist()) == list(range(c * n_rep * d, (c + 1) * n_rep * d))
+        cols = [s for s in g.dependents if s.param.endswith(f"layers.{layer}.self_attn.o_proj.weight")]
+        assert cols and cols[0].dim == 1 and len(cols[0].index) == cfg.num_attention_heads * d, repr(g)
+    layer0 = res.slim.get_submodule("model.layers.0.self_attn")
+    widths = {n: layer0.get_submodule(n).weight.shape for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    assert widths["k_proj"][0] == widths["v_proj"][0] == d * (cfg.num_key_value_heads - 1), widths
+    assert widths["q_proj"][0] == widths["o_proj"][1] == d * n_rep * (cfg.num_key_value_heads - 1), widths
