@@ -556,8 +556,10 @@ def _rewrite_view_args(rctx) -> None:
     else:
         packed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
         shape = node.args[1] if packed else node.args[first:]
-    if shape is None:
-        return
+    if shape is None or isinstance(shape, torch.fx.Node) or (
+            len(shape) == 1 and isinstance(shape[0], torch.fx.Node)
+            and isinstance(rctx.ca.analysis.sizes.get(shape[0].name), list)):
+        return  # a whole shape read from a tensor (reshape(y.shape)) follows that tensor's pruning
     fixed = list(shape)
     for k, s in enumerate(fixed):
         if s == -1:
