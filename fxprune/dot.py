@@ -2,7 +2,6 @@
 belong to, with a legend giving each group's size, state and parameters."""
 from __future__ import annotations
 
-from typing import Optional
 
 import pydot
 import torch.fx
@@ -24,7 +23,7 @@ def _target(node: torch.fx.Node) -> str:
 
 def _shape(node: torch.fx.Node) -> str:
     sym = node.meta.get("fxprune.shape")
-    if sym is not None and not isinstance(sym, tuple) or (isinstance(sym, tuple) and sym and not isinstance(sym[0], tuple)):
+    if isinstance(sym, tuple) and sym and not isinstance(sym[0], tuple):  # one tensor's symbolic shape
         return "(" + ", ".join(str(s) for s in sym) + ")"
     meta = node.meta.get("tensor_meta")
     return str(tuple(meta.shape)) if hasattr(meta, "shape") else ""
@@ -112,4 +111,4 @@ def ir_text(gm: torch.fx.GraphModule) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["graph_to_dot", "program_to_dot", "ir_text", "Optional"]
+__all__ = ["graph_to_dot", "program_to_dot", "ir_text"]
