@@ -11,17 +11,20 @@ equals the trained model's.
     slim = prog.construct_subnet()        # verified against the full model
     print(fxprune.report(model, slim, example_inputs))
 """
-from .errors import (CheckpointError, FxPruneError, RewriteError, TraceError, UnsupportedInputError,
-                     VerificationError)
+from .errors import (CheckpointError, ExportError, FxPruneError, RewriteError, TraceError,
+                     UnsupportedInputError, VerificationError)
 from .ir import Erasable, Group, Slice
 from .program import Program, compile
 from .report import Report, report
+# Imported eagerly (it needs only torch): a lazy attribute named like its submodule would be
+# shadowed by the submodule once anything imported fxprune.export.
+from .export import ExportResult, export
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "Erasable", "FxPruneError", "Group", "Program", "Report", "RewriteError", "Slice", "TraceError",
-    "UnsupportedInputError", "VerificationError", "compile", "report", "DHSPG", "H2SPG", "load", "save",
+    "CheckpointError", "Erasable", "ExportError", "ExportResult", "FxPruneError", "Group", "Program", "Report", "RewriteError", "Slice", "TraceError",
+    "UnsupportedInputError", "VerificationError", "compile", "export", "report", "DHSPG", "H2SPG", "load", "save",
     "ATO",
 ]
 

@@ -1,9 +1,13 @@
-"""Command line: ``fxprune train ...`` (also ``python -m fxprune train ...``).
+"""Command line: ``fxprune train ...`` and ``fxprune export ...`` (also ``python -m fxprune ...``).
 
 With no options, ``fxprune train`` trains a CIFAR-style ResNet-18 from scratch on
 scikit-learn's bundled digits with DHSPG at group sparsity 0.5, a few minutes on two CPU cores,
 and writes the slim model and report.json to ``runs/digits-resnet18``. Add
 ``--target-group-sparsity 0`` for the dense baseline.
+
+``fxprune export SLIM_DIR OUT_PATH --input-shape 1,3,32,32`` writes a slim model saved by
+``fxprune.io.save`` as an ONNX file or a torch.export program and checks the file's outputs
+against the model's (:func:`fxprune.export.export`).
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import sys
 from typing import List, Optional
 
 from .errors import FxPruneError
+from .export import ATOL, FORMATS, RTOL, export
 from .train import RunOptions, TrainConfig, train
 
 _DEFAULTS = TrainConfig()
@@ -27,10 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "exact slim network.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
-        "train", help="train with DHSPG and export the slim model",
-        description="Train a model from scratch with the DHSPG optimizer, construct the slim "
-        "model, save it and write OUT/report.json. Defaults: the digits/ResNet-18 demo.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "train", help="train with DHSPG (or H2SPG, ATO) and export the slim model",
+        description="Train a model from scratch with the DHSPG optimizer (H2SPG with --mode "
+        "erase, Auto-Train-Once with --method ato), construct the slim model, save it and write "
+        "OUT/report.json. Defaults: the digits/ResNet-18 demo.")
     d = _DEFAULTS
 
     def opt(flag, type_, default, help_, **kw):
@@ -58,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--epsilon", float, d.epsilon, "DHSPG half-space epsilon")
     opt("--mode", str, d.mode, "prune: DHSPG zeroes channels; erase: H2SPG erases whole operators "
         "(OTOv3; e.g. --model fxprune.supernet:darts_supernet)", choices=("prune", "erase"))
+    opt("--method", str, d.method, "dhspg: DHSPG drives channels to zero (H2SPG in erase mode); "
+        "ato: Auto-Train-Once, a controller network learns channel masks under a FLOPs budget",
+        choices=("dhspg", "ato"))
+    opt("--target-flops", float, d.target_flops, "ATO: kept fraction of the full model's FLOPs")
+    opt("--held-out-fraction", float, d.held_out_fraction, "ATO: share of the training set held "
+        "out for the controller")
     opt("--seed", int, d.seed, "random seed (model initialisation and data order)")
     opt("--image-size", int, d.image_size, "input images are resized to this square size")
     opt("--train-subset", int, "all", "use only the first N training examples")
@@ -66,14 +77,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
                    help="continue from OUT/checkpoints/last.pt, or from CHECKPOINT; settings "
                    "come from the checkpoint, and only --epochs may change")
-    p.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
+    p.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default: 0)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_export_parser(sub)
     return parser
+
+
+def _shape(text: str) -> tuple:
+    try:
+        shape = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas "
+                                         f"(e.g. 1,3,32,32), not {text!r}")
+    return shape
+
+
+def _add_export_parser(sub) -> None:
+    p = sub.add_parser(
+        "export", help="export a saved slim model to ONNX or torch.export (.pt2)",
+        description="Load a slim model saved by fxprune.io.save (e.g. OUT/slim of fxprune "
+        "train), export it, reload the file and compare its outputs with the model's on random "
+        "standard-normal float32 inputs of the given shapes.")
+    p.add_argument("slim_dir", metavar="SLIM_DIR", help="folder written by fxprune.io.save")
+    p.add_argument("out_path", metavar="OUT_PATH", help="file to write (e.g. model.onnx, model.pt2)")
+    p.add_argument("--format", choices=FORMATS, default="onnx", help="file format (default: onnx)")
+    # fxprune.io.save records no input shapes, so they are given here
+    p.add_argument("--input-shape", type=_shape, action="append", required=True, metavar="SHAPE",
+                   help="shape of one model input, comma separated (e.g. 1,3,32,32); repeat it "
+                   "for each input of a model with several")
+    p.add_argument("--rtol", type=float, default=RTOL, help=f"verification: allowed difference "
+                   f"relative to the largest output magnitude (default: {RTOL:g})")
+    p.add_argument("--atol", type=float, default=ATOL, help=f"verification: allowed absolute "
+                   f"difference (default: {ATOL:g})")
+
+
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import io
+
+    gen = torch.Generator().manual_seed(0)
+    inputs = tuple(torch.randn(shape, generator=gen) for shape in args.input_shape)
+    try:
+        result = export(io.load(args.slim_dir), inputs, args.out_path, args.format,
+                        rtol=args.rtol, atol=args.atol)
+    except FxPruneError as e:
+        print(f"fxprune export: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {result.path} ({result.format}); max |file - model| output difference "
+          f"{result.max_abs_diff:.2e}")
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "export":
+        return _export(args)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     config = TrainConfig(**given)

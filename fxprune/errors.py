@@ -68,3 +68,8 @@ class VerificationError(FxPruneError):
 
 class CheckpointError(FxPruneError):
     """A checkpoint or saved model is missing, truncated or corrupt."""
+
+
+class ExportError(FxPruneError):
+    """A model could not be written as a torch.export program or an ONNX file (names the node
+    where the exporter failed, when it can be found)."""

@@ -2,9 +2,11 @@
 
 One run: build the model and the data (:mod:`fxprune.models`, :mod:`fxprune.data`), compile
 it (``fxprune.compile``), train ``prog.module`` with ``fxprune.DHSPG`` (the dense baseline is
-the same run with ``target_group_sparsity=0``), write a checkpoint after every epoch, and at the
-end construct the slim model, compare it with the trained full model on the test set, save it
-with :func:`fxprune.io.save` and write ``report.json``.
+the same run with ``target_group_sparsity=0``; ``mode="erase"`` uses ``fxprune.H2SPG``;
+``method="ato"`` trains with the plain base update while ``fxprune.ATO``'s controller learns
+the masks on a held-out share of the training set), write a checkpoint after every epoch, and
+at the end construct the slim model, compare it with the trained full model on the test set,
+save it with :func:`fxprune.io.save` and write ``report.json``.
 
 Checkpoints (``OUT/checkpoints/last.pt`` and the one before it, ``prev.pt``) hold the model and
 optimizer states, the epoch, the history and every random state (torch, numpy, python, and the
@@ -49,24 +51,27 @@ class TrainConfig:
 
     model: str = "resnet18"
     dataset: str = "digits"
-    epochs: int = 5
+    epochs: int = 6
     batch_size: int = 32
     lr: float = 0.05
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 0.5
-    lr_decay_epochs: List[float] = field(default_factory=lambda: [4.0])
+    lr_decay_epochs: List[float] = field(default_factory=lambda: [4.5])
     lr_decay: float = 0.1
     target_group_sparsity: float = 0.5
     start_pruning_epoch: float = 1.0
-    pruning_epochs: float = 2.0
+    pruning_epochs: float = 1.5
     epsilon: float = 0.0
     seed: int = 0
     image_size: int = 32
     train_subset: Optional[int] = None
     test_subset: Optional[int] = None
     mode: str = "prune"  # "prune": DHSPG zeroes channels; "erase": H2SPG erases whole operators (OTOv3)
+    method: str = "dhspg"  # "dhspg" (OTOv2; H2SPG in erase mode) or "ato" (Auto-Train-Once)
+    target_flops: float = 0.5  # ATO: kept fraction of the full model's FLOPs
+    held_out_fraction: float = 0.05  # ATO: share of the training set the controller trains on
 
 
 # Settings a resumed run may change; every other one must match the checkpoint.
@@ -251,6 +256,9 @@ def resume_config(saved: Dict[str, Any], given: Dict[str, Any]) -> TrainConfig:
     Any other given setting that differs from the checkpoint's is an error."""
     config = TrainConfig(**saved)
     for k, v in given.items():
+        if k == "epochs" and config.method == "ato" and v != config.epochs:
+            raise ValueError(f"the checkpoint is an ATO run of {config.epochs} epochs; its "
+                             f"schedule is laid out over the whole run, so --epochs cannot change")
         if k in RESUMABLE_OVERRIDES:
             setattr(config, k, v)
         elif _normalized(v) != _normalized(saved.get(k)):
@@ -312,37 +320,53 @@ def train(config: TrainConfig, options: Optional[RunOptions] = None,
     model.eval()  # tracing runs the model once; eval keeps BatchNorm statistics untouched
     prog = fxprune.compile(model, example, mode=config.mode)
     net = prog.module
-    spe = steps_per_epoch(len(splits.train), config.batch_size)
+    train_set, ato = splits.train, None
+    if config.method == "ato":
+        from .ato import held_out_split
+        train_set, held_out = held_out_split(splits.train, config.held_out_fraction, config.seed)
+    spe = steps_per_epoch(len(train_set), config.batch_size)
+    # ATO trains the model with the plain base update (DHSPG without a target).
+    target = 0.0 if config.method == "ato" else config.target_group_sparsity
     opt = (fxprune.H2SPG if config.mode == "erase" else fxprune.DHSPG)(
         prog, lr=config.lr, variant=config.optimizer, momentum=config.momentum,
-        weight_decay=config.weight_decay, target_group_sparsity=config.target_group_sparsity,
+        weight_decay=config.weight_decay, target_group_sparsity=target,
         start_pruning_step=round(config.start_pruning_epoch * spe),
         pruning_steps=max(1, round(config.pruning_epochs * spe)), epsilon=config.epsilon)
+    if config.method == "ato":
+        # A short run has few controller steps: one per model step, at a raised learning
+        # rate (see fxprune.ato). The held-out stream is unshuffled so a resumed run
+        # continues it exactly.
+        ato = fxprune.ATO(prog, config.target_flops, total_steps=config.epochs * spe,
+                          controller_every=1, controller_lr=1e-2, seed=config.seed,
+                          controller_data=DataLoader(held_out, batch_size=64,
+                                                     num_workers=options.num_workers))
     data_gen = torch.Generator()
     start_epoch, history = 0, []
     if ckpt is not None:
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
+        if ato is not None:
+            ato.load_state_dict(ckpt["ato"])
         set_rng_state(ckpt["rng"], data_gen)
         start_epoch, history = int(ckpt["epoch"]), list(ckpt["history"])
     pruning_end = config.start_pruning_epoch + config.pruning_epochs
-    if config.target_group_sparsity > 0 and config.epochs < pruning_end:
+    if target > 0 and config.epochs < pruning_end:
         print(f"warning: pruning ends at epoch {pruning_end:g} but the run stops after "
               f"{config.epochs}; the sparsity target will not be reached")
 
     loader_kw = dict(batch_size=config.batch_size, num_workers=options.num_workers,
-                     drop_last=len(splits.train) >= config.batch_size)
+                     drop_last=len(train_set) >= config.batch_size)
     test_loader = DataLoader(splits.test, batch_size=256, num_workers=options.num_workers)
     for epoch in range(start_epoch, config.epochs):
         t0, c0 = time.perf_counter(), time.process_time()
-        order = data_lib.epoch_order(len(splits.train), data_gen, config.seed, epoch)
-        loader = DataLoader(splits.train, sampler=order, **loader_kw)
+        order = data_lib.epoch_order(len(train_set), data_gen, config.seed, epoch)
+        loader = DataLoader(train_set, sampler=order, **loader_kw)
         net.train()
         seen = correct = 0
         loss_sum = 0.0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not options.progress,
                    dynamic_ncols=True, leave=True)
-        sparsity = opt.metrics()["group_sparsity"]
+        sparsity = _sparsity(opt, ato)
         for i, (x, y) in enumerate(bar):
             x, y = x.to(device), y.to(device)
             lr = lr_at(config, epoch * spe + i, spe)
@@ -353,11 +377,13 @@ def train(config: TrainConfig, options: Optional[RunOptions] = None,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if ato is not None:
+                ato.step(opt)
             seen += y.numel()
             correct += int((logits.argmax(1) == y).sum())
             loss_sum += loss.item() * y.numel()
             if i % 10 == 9 or i == len(loader) - 1:
-                sparsity = opt.metrics()["group_sparsity"]
+                sparsity = _sparsity(opt, ato)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
                             gs=f"{sparsity:.3f}", lr=f"{lr:.3g}")
         bar.close()
@@ -373,12 +399,14 @@ def train(config: TrainConfig, options: Optional[RunOptions] = None,
               f"train {100 * correct / max(seen, 1):.2f}%  test {test_acc:.2f}%  "
               f"group sparsity {metrics['group_sparsity']:.3f}  "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
-        save_checkpoint({"epoch": epoch + 1, "config": dataclasses.asdict(config),
-                         "model": net.state_dict(), "optimizer": opt.state_dict(),
-                         "rng": rng_state(data_gen), "history": history},
-                        os.path.join(out, "checkpoints"))
+        state = {"epoch": epoch + 1, "config": dataclasses.asdict(config),
+                 "model": net.state_dict(), "optimizer": opt.state_dict(),
+                 "rng": rng_state(data_gen), "history": history}
+        if ato is not None:
+            state["ato"] = ato.state_dict()
+        save_checkpoint(state, os.path.join(out, "checkpoints"))
 
-    report = finish(prog, opt, splits, test_loader, example, config, out, history, device)
+    report = finish(prog, opt, splits, test_loader, example, config, out, history, device, ato)
     report["wall_time_s"] = {"train": sum(h["seconds"] for h in history),
                              "this_invocation": time.perf_counter() - t_start}
     report["cpu_time_s"] = {"train": sum(h["cpu_seconds"] for h in history),
@@ -403,14 +431,15 @@ def evaluate(net: torch.nn.Module, loader: DataLoader, device) -> Tuple[float, t
 
 
 def finish(prog, opt, splits, test_loader, example, config: TrainConfig, out: str,
-           history: List[dict], device) -> Dict[str, Any]:
-    """Construct, compare and save the slim model; returns the report without wall times."""
+           history: List[dict], device, ato=None) -> Dict[str, Any]:
+    """Construct, compare and save the slim model; returns the report without wall times.
+    With ATO, its frozen masks are hard-zeroed first (:meth:`fxprune.ATO.finalize`)."""
     import fxprune
     from . import io
 
     net = prog.module
     net.eval()
-    slim = prog.construct_subnet()
+    slim = ato.finalize() if ato is not None else prog.construct_subnet()
     slim.eval()
     full_acc, full_logits = evaluate(net, test_loader, device)
     slim_acc, slim_logits = evaluate(slim, test_loader, device)
@@ -429,6 +458,7 @@ def finish(prog, opt, splits, test_loader, example, config: TrainConfig, out: st
         "prunable_channels": metrics["prunable_channels"],
         **({"erased_operators": metrics["erased_units"], "erasable_operators": metrics["units"]}
            if config.mode == "erase" else {}),
+        **({"ato": ato.summary()} if ato is not None else {}),
         "test_examples": len(splits.test),
         "history": history,
         "slim_dir": os.path.join(out, "slim"),
@@ -456,6 +486,9 @@ def summary_table(report: Dict[str, Any], out: str) -> str:
     sparsity = (f"erased operators {report['erased_operators']}/{report['erasable_operators']}"
                 if "erased_operators" in report else f"group sparsity {report['group_sparsity']:.3f} "
                 f"({report['zero_channels']}/{report['prunable_channels']} channels)")
+    if "ato" in report:
+        sparsity += (f", ATO FLOPs kept {f['slim'] / f['full']:.3f} "
+                     f"(target {report['ato']['target_flops_ratio']:g})")
     lines += [f"{sparsity}, max |full - slim| output {report['max_abs_output_diff']:.2e}",
               f"training {report['wall_time_s']['train']:.0f} s wall, "
               f"{report['cpu_time_s']['train']:.0f} s CPU; slim model in "
@@ -463,9 +496,27 @@ def summary_table(report: Dict[str, Any], out: str) -> str:
     return "\n".join(lines)
 
 
+def _sparsity(opt, ato) -> float:
+    """Group sparsity shown by the progress bar: zero channels (DHSPG, H2SPG), or the
+    share of channels the controller's current mask switches off (ATO)."""
+    if ato is None:
+        return opt.metrics()["group_sparsity"]
+    mask = ato.current_mask()
+    return 1.0 - float(mask.float().mean())
+
+
 def _check(config: TrainConfig) -> None:
     if config.mode not in ("prune", "erase"):
         raise ValueError(f"--mode must be prune or erase, not {config.mode!r}")
+    if config.method not in ("dhspg", "ato"):
+        raise ValueError(f"--method must be dhspg or ato, not {config.method!r}")
+    if config.method == "ato":
+        if config.mode != "prune":
+            raise ValueError("--method ato prunes channels; it does not combine with --mode erase")
+        if not 0.0 < config.target_flops < 1.0:
+            raise ValueError(f"--target-flops must be in (0, 1), not {config.target_flops}")
+        if not 0.0 < config.held_out_fraction < 1.0:
+            raise ValueError(f"--held-out-fraction must be in (0, 1), not {config.held_out_fraction}")
     if config.optimizer not in ("sgd", "adam", "adamw"):
         raise ValueError(f"--optimizer must be sgd, adam or adamw, not {config.optimizer!r}")
     if config.epochs < 1 or config.batch_size < 1:

@@ -223,7 +223,7 @@ def test_defaults_follow_reference():
 
 
 def _reference_run(model, prog, name, steps, *, lr, momentum, target, start, pruning_steps,
-                   epsilon, lmbda, amplify, hat, dtype):
+                   epsilon, lmbda, amplify, hat, dtype, partition):
     """DHSPG (SGD variant) written channel by channel from the documented formulas."""
     params = dict(prog.module.named_parameters())
     groups = [g for g in prog.groups if g.prunable]
@@ -259,13 +259,22 @@ def _reference_run(model, prog, name, steps, *, lr, momentum, target, start, pru
                     cos = torch.stack([torch.dot(a, b) / (a.norm() * b.norm()) for a, b in zip(xs, ds)])
                     inv = torch.stack([1.0 / (a.norm() / a.numel() + 1e-6) for a in xs])
                     sal = 0.5 * cos / cos.norm() + 0.5 * inv / inv.norm()
-                    protected = set()
-                    for g in groups:
-                        idx = [i for i, (h, _) in enumerate(chans) if h is g]
-                        protected.add(min(idx, key=lambda i: (float(sal[i]), i)))
-                    order = sorted((i for i in range(C) if i not in protected),
-                                   key=lambda i: -float(sal[i]))
-                    redundant = set(order[:K])
+                    members = [[i for i, (h, _) in enumerate(chans) if h is g] for g in groups]
+                    if partition == "global":
+                        protected = {min(idx, key=lambda i: (float(sal[i]), i)) for idx in members}
+                        order = sorted((i for i in range(C) if i not in protected),
+                                       key=lambda i: -float(sal[i]))
+                        redundant = set(order[:K])
+                    else:
+                        # floor(r * size) per group, then one more for the largest remainders.
+                        quota = [math.floor(target * len(idx)) for idx in members]
+                        by_rest = sorted(range(len(groups)),
+                                         key=lambda j: (quota[j] - target * len(members[j]), j))
+                        for j in by_rest[:K - sum(quota)]:
+                            quota[j] += 1
+                        redundant = set()
+                        for idx, q in zip(members, quota):
+                            redundant |= set(sorted(idx, key=lambda i: (-float(sal[i]), i))[:q])
                 rows = {}
                 for i in sorted(redundant - projected):
                     xg, dg = xs[i], ds[i]
@@ -307,17 +316,19 @@ def _reference_run(model, prog, name, steps, *, lr, momentum, target, start, pru
     return redundant, projected
 
 
-@pytest.mark.parametrize("epsilon", [0.0, 0.9])
-def test_matches_channelwise_reference(epsilon):
+@pytest.mark.parametrize("epsilon,partition,target",
+                         [(0.0, "global", 0.5), (0.9, "global", 0.5), (0.0, "uniform", 0.5),
+                          (0.9, "uniform", 0.3)])
+def test_matches_channelwise_reference(epsilon, partition, target):
     dtype = torch.float64
-    hyper = dict(lr=0.1, momentum=0.9, target=0.5, start=1, pruning_steps=4, epsilon=epsilon,
-                 lmbda=0.05, amplify=2.0, hat=10.0)
+    hyper = dict(lr=0.1, momentum=0.9, target=target, start=1, pruning_steps=4, epsilon=epsilon,
+                 lmbda=0.05, amplify=2.0, hat=10.0, partition=partition)
     model, prog = make("convnet", dtype=dtype)
     ref_model, ref_prog = make("convnet", dtype=dtype)
     opt = DHSPG(prog, lr=hyper["lr"], momentum=hyper["momentum"],
                 target_group_sparsity=hyper["target"], start_pruning_step=hyper["start"],
                 pruning_steps=hyper["pruning_steps"], epsilon=epsilon, lmbda=hyper["lmbda"],
-                lmbda_amplify=hyper["amplify"], hat_lmbda_coeff=hyper["hat"])
+                lmbda_amplify=hyper["amplify"], hat_lmbda_coeff=hyper["hat"], partition=partition)
     steps = 6
     for t in range(steps):
         train_step(model, opt, "convnet", t, dtype)
@@ -459,6 +470,24 @@ def test_target_capped_so_every_group_keeps_a_channel():
     model.eval()
     slim = prog.construct_subnet()
     assert slim.l1.out_features == 1 and slim.l2.out_features == 1
+
+
+@pytest.mark.parametrize("target", [0.3, 0.7])
+def test_uniform_partition_takes_the_same_fraction_of_every_group(target):
+    model, prog = make("resnet18")
+    opt = DHSPG(prog, lr=0.05, target_group_sparsity=target, start_pruning_step=0, pruning_steps=1)
+    train_step(model, opt, "resnet18", 0)
+    L = opt._layout
+    taken = torch.bincount(L.channel_group[opt.redundant], minlength=len(L.groups))
+    sizes = torch.tensor([g.size for g in L.groups])
+    floor = torch.floor(target * sizes + 1e-9).long()
+    assert int(taken.sum()) == opt.target_channels
+    assert bool(((taken == floor) | (taken == floor + 1)).all()), (taken, sizes)
+    # The global ranking of the paper, by contrast, is free to strip a group.
+    _, prog_g = make("resnet18")
+    opt_g = DHSPG(prog_g, lr=0.05, target_group_sparsity=target, start_pruning_step=0,
+                  pruning_steps=1, partition="global")
+    assert opt_g.partition == "global" and opt.state_dict()["dhspg"]["partition"] == "uniform"
 
 
 def test_param_groups_with_different_lr():

@@ -166,3 +166,42 @@ def test_image_folder_dataset(tmp_path):
     rep = report_of(out)
     assert rep["test_examples"] == 4
     assert rep["accuracy"]["full"] == rep["accuracy"]["slim"]
+
+
+@pytest.fixture(scope="module")
+def ato_run(tmp_path_factory):
+    """A two-epoch Auto-Train-Once run at 60% of the full model's FLOPs."""
+    out = tmp_path_factory.mktemp("ato")
+    assert run(out, "--epochs", "2", "--method", "ato", "--target-flops", "0.6") == 0
+    return out
+
+
+def test_ato_end_to_end(ato_run):
+    rep = report_of(ato_run)
+    assert rep["config"]["method"] == "ato"
+    assert rep["accuracy"]["equal"] is True and rep["max_abs_output_diff"] < 1e-4
+    ratio = rep["flops"]["slim"] / rep["flops"]["full"]
+    assert abs(ratio - 0.6) <= 0.02, ratio  # fxprune.report's FLOPs, not the controller's model
+    assert rep["ato"]["frozen"] and rep["ato"]["controller_steps"] > 0
+    assert rep["zero_channels"] == rep["prunable_channels"] - rep["ato"]["kept_channels"]
+    assert "ato" in final_state(ato_run)
+
+
+def test_ato_resume_after_crash_is_bit_identical(ato_run, tmp_path):
+    """A run that died after epoch 1 (only its epoch-1 checkpoint left) resumes to the same
+    final state as the uninterrupted run, controller included."""
+    shutil.copytree(ato_run, tmp_path / "run")
+    ckpts = tmp_path / "run" / "checkpoints"
+    os.replace(ckpts / PREV, ckpts / LAST)
+    os.remove(tmp_path / "run" / "report.json")
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--no-progress"]) == 0
+    assert_same_run(ato_run, tmp_path / "run")
+    assert_equal_nested(final_state(ato_run)["ato"], final_state(tmp_path / "run")["ato"], "ato")
+
+
+def test_ato_refuses_changed_epochs_and_erase_mode(ato_run, tmp_path, capsys):
+    shutil.copytree(ato_run, tmp_path / "run")
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--epochs", "3"]) == 1
+    assert "schedule" in capsys.readouterr().err
+    assert run(tmp_path / "erase", "--method", "ato", "--mode", "erase") == 1
+    assert "erase" in capsys.readouterr().err

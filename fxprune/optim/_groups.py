@@ -20,6 +20,31 @@ import torch
 
 from ..errors import FxPruneError
 
+_TINY = 1e-30
+
+
+def redundancy_saliency(xx: torch.Tensor, xd: torch.Tensor, dd: torch.Tensor,
+                        numel: torch.Tensor) -> torch.Tensor:
+    """Redundancy saliency of OTOv2 (Sec. 4) from per-group sums.
+
+    ``s_g = 0.5 N(cos(x_g, d_g)) + 0.5 N(1 / (||x_g|| / n_g + 1e-6))``, ``N`` the division by
+    the L2 norm over the groups. ``xx``, ``xd``, ``dd``: ``Tensor[G]`` of ``||x_g||^2``,
+    ``<x_g, d_g>``, ``||d_g||^2``; ``numel``: ``Tensor[G]`` of ``n_g``. Groups with
+    ``n_g == 0`` get ``-inf`` and take no part in the normalization. DHSPG ranks channels and
+    H2SPG ranks erasable operators by this score (higher = more redundant).
+    """
+    nx = xx.clamp_min(0).sqrt()
+    nd = dd.clamp_min(0).sqrt()
+    cos = xd / (nx * nd).clamp_min(_TINY)
+    n = numel.to(xx.dtype)
+    inv = 1.0 / (nx / n.clamp_min(1.0) + 1e-6)
+    ok = n > 0
+    cos = torch.where(ok, cos, torch.zeros_like(cos))
+    inv = torch.where(ok, inv, torch.zeros_like(inv))
+    s = 0.5 * cos / torch.linalg.vector_norm(cos).clamp_min(_TINY) \
+        + 0.5 * inv / torch.linalg.vector_norm(inv).clamp_min(_TINY)
+    return torch.where(ok, s, torch.full_like(s, -float("inf")))
+
 
 @dataclass
 class Entry:
@@ -229,14 +254,22 @@ def row_norm(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return torch.linalg.vector_norm(t, dim=others, dtype=acc)
 
 
-def row_dot(a: torch.Tensor, b: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-    """``sum(a * b)`` over every dim but ``dim``: a ``[size]`` vector (accumulation dtype)."""
+def row_dot(a: torch.Tensor, b: torch.Tensor, dim: int, size: int,
+            scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``sum(a * b)`` over every dim but ``dim``: a ``[size]`` vector (accumulation dtype).
+
+    ``scratch``: an optional 1-d buffer of ``a``'s dtype with at least ``a.numel()``
+    elements that receives the product; reusing one buffer spares the allocator a fresh
+    parameter-sized block (and its page faults) on every call."""
     acc = acc_dtype(a)
     if a.dim() <= 1:
         return a.reshape(-1).to(acc) * b.reshape(-1).to(acc)
     a2 = _rows2d(a, dim, size)
     b2 = _rows2d(b, dim, size) if a2 is not None else None
     if a2 is not None and b2 is not None:
+        if scratch is not None and scratch.dtype == a.dtype and scratch.numel() >= a.numel():
+            prod = torch.mul(a2, b2, out=scratch[:a.numel()].view(a2.shape))
+            return prod.sum(1, dtype=acc)
         out = torch.linalg.vecdot(a2, b2, dim=1)
         return out if out.dtype == acc else out.to(acc)
     others = [i for i in range(a.dim()) if i != dim]

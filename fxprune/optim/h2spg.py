@@ -18,29 +18,16 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 import torch
 
 from ..ir import Group, Slice
+from ._groups import redundancy_saliency
 from .dhspg import DHSPG
 
 __all__ = ["H2SPG", "select_units", "unit_saliency"]
 
-_TINY = 1e-30
-
 
 def unit_saliency(xx: torch.Tensor, xd: torch.Tensor, dd: torch.Tensor, numel: torch.Tensor) -> torch.Tensor:
-    """Redundancy saliency of groups from their sums ``||x||^2``, ``<x, d>``, ``||d||^2`` and
-    sizes ``n``: ``0.5 N(cos(x, d)) + 0.5 N(1 / (||x|| / n + 1e-6))``, ``N`` the division by the
-    L2 norm over the groups (OTOv2 Sec. 4, the score H2SPG ranks operators by). Groups with
-    ``n == 0`` get ``-inf``."""
-    nx = xx.clamp_min(0).sqrt()
-    nd = dd.clamp_min(0).sqrt()
-    cos = xd / (nx * nd).clamp_min(_TINY)
-    n = numel.to(xx.dtype)
-    inv = 1.0 / (nx / n.clamp_min(1.0) + 1e-6)
-    ok = n > 0
-    cos = torch.where(ok, cos, torch.zeros_like(cos))
-    inv = torch.where(ok, inv, torch.zeros_like(inv))
-    s = 0.5 * cos / torch.linalg.vector_norm(cos).clamp_min(_TINY) \
-        + 0.5 * inv / torch.linalg.vector_norm(inv).clamp_min(_TINY)
-    return torch.where(ok, s, torch.full_like(s, -math.inf))
+    """Redundancy saliency of erasable units (``Tensor[N]`` each; OTOv2 Sec. 4, see
+    :func:`fxprune.optim._groups.redundancy_saliency`); units with ``n == 0`` get ``-inf``."""
+    return redundancy_saliency(xx, xd, dd, numel)
 
 
 def select_units(erase_graph: Any, candidates: Sequence[int], scores: Sequence[float], *,
