@@ -23,12 +23,20 @@ arithmetic of the forward pass both tools run, is what is measured. Memory colum
   everything: Python objects, tensors, native allocations.
 * ``py`` = ``tracemalloc`` peak: Python-heap allocations only (tensor storage is not included).
 
+Depth sweep: the default list ends with the synthetic residual nets of 100, 300 and 1000 blocks
+(``--depths``). Over every ``resnet_synth_N`` measured, a second table gives each depth's node
+count of the torch.fx graph (plain symbolic tracing, the same graph size for every tool), the
+median times and the peak memory, and the log-log slope of each tool's time against that node
+count (least squares on the logs, ``numpy.polyfit``): 1 is linear growth, 2 quadratic.
+
 Usage::
 
     python benchmarks/compile_time.py                 # all models, 5 repeats (3 for 1000 blocks)
     python benchmarks/compile_time.py --models resnet50 resnet_synth_100 --repeats 3
+    python benchmarks/compile_time.py --models resnet_synth_10 resnet_synth_30 --repeats 1
 
-Prints a Markdown table and writes benchmarks/results/compile_time.json.
+Prints Markdown tables and writes benchmarks/results/compile_time.json (the sweep under
+``summary.depth_sweep``).
 """
 from __future__ import annotations
 
@@ -38,7 +46,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import tracemalloc
@@ -47,7 +54,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from _runner import run_worker  # noqa: E402
+from _timing import load_average, timed_runs, tp_runner  # noqa: E402
+
 TOOLS = ("fxprune", "tp", "tp+groups")
+DEPTHS = (100, 300, 1000)  # residual blocks of the synthetic nets of the default depth sweep
+SYNTH = "resnet_synth_"
 
 
 # ------------------------------------------------------------------------- worker process
@@ -80,16 +92,7 @@ def _runner(tool: str):
             return {"groups": len(prog.groups), "nodes": len(prog.module.graph.nodes)}
 
         return run
-    import torch_pruning as tp
-
-    def run(model, inputs):
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=inputs, verbose=False)
-        out = {"nodes": len(dg.module2node)}
-        if tool == "tp+groups":
-            out["groups"] = sum(1 for _ in dg.get_all_groups())
-        return out
-
-    return run
+    return tp_runner(tool)
 
 
 def worker(tool: str, label: str, side: int, repeats: int) -> dict:
@@ -112,13 +115,7 @@ def worker(tool: str, label: str, side: int, repeats: int) -> dict:
     first = time.perf_counter() - t0
     rss_peak = (_status_kb("VmHWM") - rss_before) / 1024 if can_reset else None
 
-    times, cpu = [], []
-    for _ in range(repeats):
-        gc.collect()
-        t0, c0 = time.perf_counter(), time.process_time()
-        run(model, inputs)
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
+    timing = timed_runs(lambda: run(model, inputs), repeats)
 
     gc.collect()
     tracemalloc.start()
@@ -128,8 +125,7 @@ def worker(tool: str, label: str, side: int, repeats: int) -> dict:
 
     return {
         "tool": tool, "model": label, "input": list(inputs[0].shape),
-        "first_s": first, "times_s": times, "median_s": statistics.median(times),
-        "cpu_s": cpu, "median_cpu_s": statistics.median(cpu),
+        "first_s": first, **timing,
         "rss_peak_mib": rss_peak, "py_peak_mib": py_peak / 2**20, **info,
     }
 
@@ -138,17 +134,11 @@ def worker(tool: str, label: str, side: int, repeats: int) -> dict:
 
 
 def measure(tool: str, label: str, side: int, repeats: int, timeout: float) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", tool, label,
-           "--side", str(side), "--repeats", str(repeats)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"tool": tool, "model": label, "error": f"timeout after {timeout:.0f}s"}
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"tool": tool, "model": label, "error": " | ".join(tail) or f"exit {proc.returncode}"}
-    return json.loads(lines[-1])
+    rec = run_worker(Path(__file__).resolve(), tool, [label, "--side", str(side), "--repeats", str(repeats)],
+                     timeout)
+    if "error" in rec:
+        return {"tool": tool, "model": label, "error": rec["error"]}
+    return rec
 
 
 def _fmt(x, spec=".3f"):
@@ -217,9 +207,88 @@ def summary_lines(summary: dict) -> list:
     return lines
 
 
+def default_models(depths) -> list:
+    """The zoo models of ``_models.COMPILE_TIME_MODELS`` and one synthetic net per depth."""
+    import _models
+
+    zoo = [m for m in _models.COMPILE_TIME_MODELS if not m.startswith(SYNTH)]
+    return zoo + [f"{SYNTH}{d}" for d in depths]
+
+
+def fx_graph_nodes(label: str) -> int:
+    """Node count of the torch.fx graph of a model (plain symbolic tracing, no analysis): the
+    graph size the depth sweep's times are set against, the same for every tool."""
+    import torch.fx
+    import _models
+
+    model, _ = _models.build_for_benchmark(label)
+    return len(torch.fx.symbolic_trace(model).graph.nodes)
+
+
+def loglog_slope(x, y):
+    """Least-squares slope of ``log y`` against ``log x`` (``numpy.polyfit``, degree 1) over the
+    points where both are positive; None with fewer than two such points. 1 = linear growth."""
+    import numpy as np
+
+    pts = [(a, b) for a, b in zip(x, y) if a and b and a > 0 and b > 0]
+    if len(pts) < 2:
+        return None
+    lx, ly = np.log(np.array(pts, dtype=float)).T
+    return float(np.polyfit(lx, ly, 1)[0])
+
+
+def depth_sweep(rows: dict, models) -> dict:
+    """Per synthetic net of ``models`` (by depth): graph nodes, median wall and CPU time and
+    peak memory of each tool; and per tool the log-log slope of its wall and CPU time against
+    the node count. Empty when fewer than two synthetic nets were measured."""
+    labels = sorted((m for m in models if m.startswith(SYNTH)), key=lambda m: int(m[len(SYNTH):]))
+    if len(labels) < 2:
+        return {}
+    keys = ("median_s", "median_cpu_s", "rss_peak_mib", "py_peak_mib")
+    points = []
+    for m in labels:
+        point = {"model": m, "blocks": int(m[len(SYNTH):]), "fx_nodes": fx_graph_nodes(m)}
+        for tool, r in rows[m].items():
+            point[tool] = {k: r.get(k) for k in keys}
+        points.append(point)
+    nodes = [p["fx_nodes"] for p in points]
+    slopes = {}
+    for tool in sorted({t for p in points for t in p if t in TOOLS}, key=TOOLS.index):
+        for key, label in (("median_s", "wall"), ("median_cpu_s", "cpu")):
+            slopes[f"{tool}_{label}"] = loglog_slope(nodes, [p.get(tool, {}).get(key) for p in points])
+    return {"points": points, "slopes": slopes}
+
+
+def sweep_table(sweep: dict) -> str:
+    head = ("| blocks | fx nodes | fxprune s | fxprune CPU s | TP build s | TP CPU s | TP build+groups s | "
+            "fxprune RSS MiB | TP RSS MiB | fxprune py MiB | TP py MiB |")
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for p in sweep["points"]:
+        fx, tp_, tpg = p.get("fxprune", {}), p.get("tp", {}), p.get("tp+groups", {})
+        out.append(f"| {p['blocks']} | {p['fx_nodes']} | {_fmt(fx.get('median_s'))} | {_fmt(fx.get('median_cpu_s'))} | "
+                   f"{_fmt(tp_.get('median_s'))} | {_fmt(tp_.get('median_cpu_s'))} | {_fmt(tpg.get('median_s'))} | "
+                   f"{_fmt(fx.get('rss_peak_mib'), '.1f')} | {_fmt(tp_.get('rss_peak_mib'), '.1f')} | "
+                   f"{_fmt(fx.get('py_peak_mib'), '.1f')} | {_fmt(tp_.get('py_peak_mib'), '.1f')} |")
+    names = {"fxprune": "fxprune", "tp": "Torch-Pruning build", "tp+groups": "Torch-Pruning build+groups"}
+    parts = []
+    for tool, name in names.items():
+        wall, cpu = sweep["slopes"].get(f"{tool}_wall"), sweep["slopes"].get(f"{tool}_cpu")
+        if wall is not None or cpu is not None:
+            parts.append(f"{name} {_fmt(wall, '.2f')} (CPU {_fmt(cpu, '.2f')})")
+    if parts:
+        out.append("")
+        out.append("log-log slope of time against fx graph nodes (numpy.polyfit on logs; 1 = linear): "
+                   + "; ".join(parts))
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", nargs="*", default=None)
+    ap.add_argument("--models", nargs="*", default=None,
+                    help="models to measure (zoo names or resnet_synth_N); default: the zoo models of "
+                         "_models.COMPILE_TIME_MODELS and resnet_synth_N for N in --depths")
+    ap.add_argument("--depths", nargs="*", type=int, default=list(DEPTHS),
+                    help="residual blocks of the synthetic nets of the default model list")
     ap.add_argument("--tools", nargs="*", default=list(TOOLS), choices=TOOLS)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--side", type=int, default=0,
@@ -234,14 +303,14 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args.worker[0], args.worker[1], args.side, args.repeats)))
         return 0
 
-    import _models
     import torch
 
-    models = args.models or _models.COMPILE_TIME_MODELS
-    load_start = os.getloadavg()
+    models = args.models or default_models(args.depths)
+    load_start = load_average()
     rows: dict = {m: {} for m in models}
     for m in models:
-        repeats = min(args.repeats, 3) if m.endswith("_1000") else args.repeats
+        deep = m.startswith(SYNTH) and int(m[len(SYNTH):]) >= 1000
+        repeats = min(args.repeats, 3) if deep else args.repeats
         for tool in args.tools:
             r = measure(tool, m, args.side, repeats, args.timeout)
             rows[m][tool] = r
@@ -251,6 +320,11 @@ def main(argv=None) -> int:
     md = table(rows, models)
     print(md)
     summary = summarize(rows, models)
+    sweep = depth_sweep(rows, models)
+    if sweep:
+        summary["depth_sweep"] = sweep
+        print()
+        print(sweep_table(sweep))
     print()
     print("\n".join(summary_lines(summary)))
 
@@ -263,7 +337,7 @@ def main(argv=None) -> int:
         "python": platform.python_version(), "torch": torch.__version__,
         "torch_pruning": tp_version, "cpu": platform.processor() or platform.machine(),
         "threads": int(os.environ.get("BENCH_THREADS", "1")),
-        "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "cores": os.cpu_count(),
+        "loadavg_start": load_start, "loadavg_end": load_average(), "cores": os.cpu_count(),
         "side": args.side, "repeats": args.repeats,
         "memory": {"rss_peak_mib": "peak RSS (VmHWM) during the first run minus RSS before it",
                    "py_peak_mib": "tracemalloc peak, Python heap only"},

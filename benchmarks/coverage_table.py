@@ -39,7 +39,6 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 import traceback
@@ -48,6 +47,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+
+from _runner import run_many, run_worker  # noqa: E402
 
 OUTPUT_REASON = re.compile(r"reaches the model output", re.I)
 
@@ -76,24 +77,22 @@ def _group_record(g) -> dict:
             "reason": g.reason, "params": g.params}
 
 
-def worker(name: str, how: str, seed: int, rtol: float) -> dict:
-    import torch
+def judge(model, inputs: tuple, how: str = "random", seed: int = 0, rtol: float = 1e-4) -> dict:
+    """fxprune's verdict on one built model (eval mode, normalisations already randomised).
 
+    Compiles ``model`` (its parameters are zeroed in place: pass a copy to keep them), zeroes
+    50% of every prunable exact group (``how``: ``"random"`` or ``"first"`` half), constructs
+    the slim model and compares it with the zeroed full model on ``inputs``. Returns the record
+    fields (group counts, ``max_rel_diff``, parameters and FLOPs, ``verdict``, and ``error``
+    with the failing stage); never raises.
+    """
     import _models
     import fxprune
     from fxprune.program import max_output_difference
-    from fxprune.testing import randomize_norms
 
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    rec: dict = {"model": name, "input": list(_models.input_shape(name))}
-    stage = "build"
-    t_start = time.perf_counter()
+    rec: dict = {}
+    stage = "compile"
     try:
-        model = _models.build(name, seed=seed)
-        randomize_norms(model, seed)
-        inputs = _models.example_inputs(name, seed=seed)
-
-        stage = "compile"
         t0 = time.perf_counter()
         prog = fxprune.compile(model, inputs)
         rec["compile_s"] = time.perf_counter() - t0
@@ -148,6 +147,27 @@ def worker(name: str, how: str, seed: int, rtol: float) -> dict:
         rec["verdict"] = "error"
         rec["error"] = f"{stage}: {type(exc).__name__}: {exc}"
         rec["traceback"] = traceback.format_exc(limit=-6)
+    return rec
+
+
+def worker(name: str, how: str, seed: int, rtol: float) -> dict:
+    import torch
+
+    import _models
+    from fxprune.testing import randomize_norms
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    rec: dict = {"model": name, "input": list(_models.input_shape(name))}
+    t_start = time.perf_counter()
+    try:
+        model = _models.build(name, seed=seed)
+        randomize_norms(model, seed)
+        inputs = _models.example_inputs(name, seed=seed)
+    except Exception as exc:  # noqa: BLE001 - every failure is a row of the table
+        rec.update(verdict="error", error=f"build: {type(exc).__name__}: {exc}",
+                   traceback=traceback.format_exc(limit=-6))
+    else:
+        rec.update(judge(model, inputs, how, seed, rtol))
     rec["total_s"] = time.perf_counter() - t_start
     return rec
 
@@ -156,21 +176,8 @@ def worker(name: str, how: str, seed: int, rtol: float) -> dict:
 
 
 def run_one(name: str, how: str, seed: int, rtol: float, timeout: float) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--zero", how,
-           "--seed", str(seed), "--rtol", str(rtol)]
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"model": name, "verdict": "error", "error": f"timeout after {timeout:.0f}s",
-                "total_s": time.perf_counter() - t0}
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-    if not lines:
-        tail = " | ".join((proc.stderr or "").strip().splitlines()[-3:])
-        return {"model": name, "verdict": "error",
-                "error": f"process exited with {proc.returncode}: {tail}",
-                "total_s": time.perf_counter() - t0}
-    return json.loads(lines[-1])
+    return run_worker(Path(__file__).resolve(), name,
+                      ["--zero", how, "--seed", str(seed), "--rtol", str(rtol)], timeout)
 
 
 def normalize_reason(reason: str) -> str:
@@ -282,23 +289,14 @@ def main(argv=None) -> int:
 
     names = args.models or _models.ALL
     t0 = time.perf_counter()
-    records = [None] * len(names)
 
-    def task(i):
-        r = run_one(names[i], args.zero, args.seed, args.rtol, args.timeout)
-        records[i] = r
+    def progress(i, r):
         extra = r.get("error", "") if r["verdict"] == "error" else ""
         print(f"[{i + 1}/{len(names)}] {names[i]}: {r['verdict']} ({r.get('total_s', 0):.1f}s) {_short(extra, 200)}",
               file=sys.stderr, flush=True)
 
-    if args.jobs > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(task, range(len(names))))
-    else:
-        for i in range(len(names)):
-            task(i)
+    records = run_many(names, lambda name: run_one(name, args.zero, args.seed, args.rtol, args.timeout),
+                       args.jobs, progress)
     wall = time.perf_counter() - t0
 
     table = markdown(records)

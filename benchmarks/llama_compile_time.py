@@ -32,13 +32,16 @@ import gc
 import json
 import os
 import platform
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _runner import run_worker  # noqa: E402
+from _timing import load_average, timed_runs, tp_runner  # noqa: E402
+
 TOOLS = ("fxprune", "fxprune-export", "tp", "tp+groups")
 
 CONFIG = dict(hidden_size=512, intermediate_size=1376, num_attention_heads=8, num_key_value_heads=2,
@@ -69,16 +72,7 @@ def _runner(tool: str):
                     "nodes": len(prog.module.graph.nodes), "frontend": "export" if exported else "fx"}
 
         return run
-    import torch_pruning as tp
-
-    def run(model, inputs):
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=inputs, verbose=False)
-        out = {"nodes": len(dg.module2node)}
-        if tool == "tp+groups":
-            out["groups"] = sum(1 for _ in dg.get_all_groups())
-        return out
-
-    return run
+    return tp_runner(tool)
 
 
 def stages(model, inputs) -> dict:
@@ -113,14 +107,7 @@ def worker(tool: str, layers: int, repeats: int) -> dict:
         t0 = time.perf_counter()
         rec.update(run(model, inputs))
         rec["first_s"] = time.perf_counter() - t0
-        times, cpu = [], []
-        for _ in range(repeats):
-            gc.collect()
-            t0, c0 = time.perf_counter(), time.process_time()
-            run(model, inputs)
-            times.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-        rec.update(times_s=times, cpu_s=cpu, median_s=statistics.median(times), median_cpu_s=statistics.median(cpu))
+        rec.update(timed_runs(lambda: run(model, inputs), repeats))
         if tool == "fxprune-export":
             rec["stages_cpu_s"] = stages(model, inputs)
     except Exception as exc:
@@ -130,17 +117,10 @@ def worker(tool: str, layers: int, repeats: int) -> dict:
 
 
 def measure(tool: str, layers: int, repeats: int, timeout: float) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", tool, "--layers", str(layers),
-           "--repeats", str(repeats)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"tool": tool, "layers": layers, "error": f"timeout after {timeout:.0f}s"}
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"tool": tool, "layers": layers, "error": " | ".join(tail) or f"exit {proc.returncode}"}
-    return json.loads(lines[-1])
+    rec = run_worker(Path(__file__).resolve(), tool, ["--layers", str(layers), "--repeats", str(repeats)], timeout)
+    if "error" in rec:
+        return {"tool": tool, "layers": layers, "error": rec["error"]}
+    return rec
 
 
 def _f(x, spec=".2f"):
@@ -180,7 +160,7 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args.worker, args.layers, args.repeats)))
         return 0
 
-    load_start = os.getloadavg()
+    load_start = load_average()
     rows = {}
     for tool in args.tools:
         r = measure(tool, args.layers, args.repeats, args.timeout)
@@ -215,7 +195,7 @@ def main(argv=None) -> int:
     env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
            "torch_pruning": tp_version, "machine": platform.machine(), "cpus": os.cpu_count(),
            "threads": int(os.environ.get("BENCH_THREADS", "1")), "loadavg_start": load_start,
-           "loadavg_end": os.getloadavg()}
+           "loadavg_end": load_average()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"env": env, "config": dict(CONFIG, num_hidden_layers=args.layers, seq=SEQ),

@@ -9,7 +9,6 @@ parameter slices (same parameters, dims and multiplicities) form one :class:`Gro
 from __future__ import annotations
 
 import operator
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -22,11 +21,12 @@ from fxprune.ir import Group, Slice
 
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from .channels import ZERO, TensorChannels
+from .channels import ZERO, TensorChannels, unique_sorted
+from .lookup import Lookup
 from .op_semantics import META_SPEC
 from .registry import REGISTRY, Registry
 from .size_flow import follow_sizes
-from .rule_context import Analysis, RuleContext, _flatten_tc, _get_tensor
+from .rule_context import Analysis, RuleContext, _flatten_tc
 
 META_CHANNELS = "fxprune.channels"
 META_OP = "fxprune.op"
@@ -34,25 +34,22 @@ META_OP = "fxprune.op"
 
 def canonical_names(gm: torch.nn.Module) -> Dict[str, str]:
     """Map every parameter/buffer name to the first name of the same tensor (tied weights)."""
-    first: Dict[int, str] = {}
-    out: Dict[str, str] = {}
-    for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
-        out[name] = first.setdefault(id(t), name)
-    return out
+    return Lookup(gm).canonical_names()
 
 
 def walk(gm: torch.fx.GraphModule, registry: Registry = REGISTRY) -> Analysis:
     """Run every node's rule in graph order; returns the raw :class:`Analysis`."""
     an = Analysis()
-    an.canonical = canonical_names(gm)
+    lookup = Lookup(gm)
+    an.canonical = lookup.canonical_names()
     for node in gm.graph.nodes:
-        ctx = RuleContext(an, gm, node)
+        ctx = RuleContext(an, gm, node, lookup)
         spec_name = ""
         if node.op == "placeholder":
             out = ctx.out_untracked()
         elif node.op == "get_attr":
             name = an.canonical.get(node.target, node.target)
-            tensor = _get_tensor(gm, node.target)
+            tensor = lookup.tensor(node.target)
             out = ctx.attr_channels(name, tensor) if tensor is not None else None
         elif node.op == "output":
             ctx.pin_all(_channels_of(an, node.args[0]), "reaches the model output")
@@ -85,9 +82,10 @@ def _freeze_unaccounted(ctx: RuleContext, out: Any, spec_name: str) -> None:
     if not inputs:
         return
     kept = [t.units for tc in _flatten_tc(out) for t in tc.dims if t is not None] + ctx.touched
-    lost = np.setdiff1d(np.concatenate(inputs), np.concatenate(kept) if kept else np.empty(0, np.int64))
+    entering = np.concatenate(inputs)
+    lost = entering[~ctx.analysis.store.isin(entering, np.concatenate(kept))] if kept else entering
     if len(lost):
-        ctx.analysis.pins.append((lost, f"channels dropped by rule '{spec_name}' ({ctx.where()})"))
+        ctx.analysis.pins.append((unique_sorted(lost), f"channels dropped by rule '{spec_name}' ({ctx.where()})"))
 
 
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
@@ -107,12 +105,13 @@ def _note_state_changes(ctx: RuleContext, out: Any) -> None:
     freeze channels an in-place op changes behind the graph's back: later users of the mutated
     input read the new value, not the one the analysis saw."""
     ins = [t for tc in ctx.tensor_args()[:1] for t in tc.dims if t is not None]
-    outs = [t for tc in _flatten_tc(out) for t in tc.dims if t is not None]
+    outs = [(t, t.state != ZERO) for tc in _flatten_tc(out) for t in tc.dims if t is not None]
+    outs = [(t, nonzero) for t, nonzero in outs if nonzero.any()]
     if not ins or not outs:
         return
-    zero_in = np.unique(np.concatenate([t.units[t.state == ZERO] for t in ins]))
-    for t in outs:
-        became = t.units[(t.state != ZERO) & np.isin(t.units, zero_in)]
+    zero_in = np.concatenate([t.units[t.state == ZERO] for t in ins])
+    for t, nonzero in outs:
+        became = t.units[nonzero & ctx.analysis.store.isin(t.units, zero_in)]
         for e in became.tolist():
             ctx.analysis.const_origin.setdefault(e, ctx.where())
         if len(became) and _is_inplace(ctx.node, ctx.module):
@@ -169,7 +168,13 @@ class GroupIndex:
 def build_groups(gm: torch.fx.GraphModule, an: Analysis, allow_inexact: bool = False
                  ) -> Tuple[List[Group], np.ndarray, GroupIndex]:
     """Collect the groups. Returns ``(groups, components, index)`` where ``components[e]`` is
-    the representative of element ``e`` and ``index`` maps elements to group channels."""
+    the representative of element ``e`` and ``index`` maps elements to group channels.
+
+    A removable channel is a component (its representative) that some producer ("out")
+    parameter position belongs to; channels with the same signature (the parameter keys they
+    touch, with multiplicities) and the same frozen/inexact status form a group. Groups are
+    ordered by their first (parameter key, position), channels within a group too.
+    """
     comp = an.store.components()
     pin_reason = _first_reason(comp, an.pins)
     inexact_reason = _first_reason(comp, an.inexact)
@@ -179,72 +184,129 @@ def build_groups(gm: torch.fx.GraphModule, an: Analysis, allow_inexact: bool = F
     for k in keys:
         roles = an.params[k].roles
         role_of.append("out" if "out" in roles else ("in" if "in" in roles else "buffer"))
-    if not keys:
+    # every parameter position: its representative R, key K and position P (K-major, P-minor)
+    sizes = [len(an.params[k].track) for k in keys]
+    if not sum(sizes):
         return [], comp, GroupIndex(an.store.count)
-    reps = [comp[an.params[k].track.units] for k in keys]
-    R = np.concatenate(reps)
-    K = np.concatenate([np.full(len(r), i, np.int64) for i, r in enumerate(reps)])
-    P = np.concatenate([np.arange(len(r), dtype=np.int64) for r in reps])
+    R = comp[np.concatenate([an.params[k].track.units for k in keys])]
+    K = np.repeat(np.arange(len(keys), dtype=np.int64), sizes)
+    P = np.arange(len(R), dtype=np.int64) - np.repeat(np.cumsum([0] + sizes[:-1]), sizes)
 
-    # signature of each representative: the (param key, multiplicity) pairs it touches
-    nk = len(keys)
-    code = R * nk + K
-    order = np.lexsort((P, code))
-    R, K, P, code = R[order], K[order], P[order], code[order]
-    ucode, first_idx, counts = np.unique(code, return_index=True, return_counts=True)
-    ur, uk = ucode // nk, ucode % nk
-    starts = np.flatnonzero(np.r_[True, ur[1:] != ur[:-1]])
-    ends = np.r_[starts[1:], len(ur)]
-    is_out = np.array([r == "out" for r in role_of])
-    has_out = np.logical_or.reduceat(is_out[uk], starts)
-    sig_code = uk * (int(counts.max()) + 1) + counts
-    first_pos: Dict[int, Tuple[int, int]] = {}
-    buckets: Dict[tuple, List[int]] = defaultdict(list)
-    for r, lo, hi, out in zip(ur[starts].tolist(), starts.tolist(), ends.tolist(), has_out.tolist()):
-        if not out:
-            continue  # nothing to zero: never removed
-        first_pos[r] = (int(uk[lo]), int(P[first_idx[lo]]))
-        pinned = r in pin_reason
-        buckets[(sig_code[lo:hi].tobytes(), pinned, not pinned and r in inexact_reason)].append(r)
+    rep, first, signature = _channels(R, K, P, np.array([r == "out" for r in role_of]))
+    pinned = _marked(an.store.count, pin_reason)[rep]
+    inexact = _marked(an.store.count, inexact_reason)[rep] & ~pinned
+    rep_group, rep_chan, heads = _partition(rep, first, signature * 4 + pinned * 2 + inexact, an.store.count)
 
-    index = GroupIndex(an.store.count)
-    entries = []
-    for (s, pinned, inexact), rs in buckets.items():
-        rs.sort(key=lambda r: first_pos[r])
-        entries.append((min(first_pos[r] for r in rs), s, pinned, inexact, rs))
-    entries.sort(key=lambda e: e[0])
-
-    rep_group = np.full(an.store.count, -1, np.int64)
-    rep_chan = np.full(an.store.count, -1, np.int64)
     groups: List[Group] = []
-    for gid, (_, s, pinned, inexact, rs) in enumerate(entries):
-        rs_arr = np.asarray(rs, np.int64)
-        rep_group[rs_arr] = gid
-        rep_chan[rs_arr] = np.arange(len(rs), dtype=np.int64)
-        reason = pin_reason.get(rs[0]) if pinned else (inexact_reason.get(rs[0]) if inexact else None)
-        groups.append(Group(id=gid, size=len(rs), slices=[], dependents=[], prunable=not pinned and (
-            not inexact or allow_inexact), exact=not inexact, reason=reason))
+    for gid, (head, size, flags) in enumerate(heads):
+        is_pinned, is_inexact = bool(flags & 2), bool(flags & 1)
+        reason = pin_reason.get(head) if is_pinned else (inexact_reason.get(head) if is_inexact else None)
+        groups.append(Group(id=gid, size=size, slices=[], dependents=[], prunable=not is_pinned and (
+            not is_inexact or allow_inexact), exact=not is_inexact, reason=reason))
 
-    # slices: positions of each param key owned by each group
+    # slices: the positions of each param key owned by each group, in (key, group) order
     G = rep_group[R]
     keep = G >= 0
-    G, Kk, Pk, Rk = G[keep], K[keep], P[keep], R[keep]
-    order = np.lexsort((Pk, Kk, G))
-    G, Kk, Pk, Rk = G[order], Kk[order], Pk[order], Rk[order]
-    bounds = np.flatnonzero(np.diff(G * (len(keys) + 1) + Kk)) + 1
-    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(G)]):
+    G, K, P, R = G[keep], K[keep], P[keep], R[keep]
+    pair = K * (len(groups) + 1) + G
+    order = np.argsort(pair, kind="stable")  # keeps positions ascending; nearly sorted already
+    G, K, P, R, pair = G[order], K[order], P[order], R[order], pair[order]
+    bounds = np.flatnonzero(np.diff(pair)) + 1
+    for lo, hi in zip(np.r_[0, bounds].tolist(), np.r_[bounds, len(G)].tolist()):
         if lo == hi:
             continue
-        gid, k = int(G[lo]), int(Kk[lo])
+        gid, k = int(G[lo]), int(K[lo])
         name, dim = keys[k]
-        sl = Slice(param=name, dim=dim, index=torch.from_numpy(Pk[lo:hi].copy()),
-                   channel=torch.from_numpy(rep_chan[Rk[lo:hi]]), role=role_of[k])
+        sl = Slice(param=name, dim=dim, index=torch.from_numpy(P[lo:hi].copy()),
+                   channel=torch.from_numpy(rep_chan[R[lo:hi]]), role=role_of[k])
         (groups[gid].slices if sl.role == "out" else groups[gid].dependents).append(sl)
 
+    index = GroupIndex(an.store.count)
     index.group = rep_group[comp]
     index.channel = rep_chan[comp]
     _attach_nodes(gm, an, groups, index)
     return groups, comp, index
+
+
+def _channels(R: np.ndarray, K: np.ndarray, P: np.ndarray, is_out: np.ndarray
+              ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The channels among the parameter positions (representative ``R``, key ``K``, position
+    ``P``, sorted by key then position): representatives that some producer key touches.
+
+    Returns ``(rep, first, signature)``, ascending in ``rep``: ``first`` encodes a channel's
+    first (key, position), ``signature`` is an id of the (key, multiplicity) pairs it touches.
+    """
+    order = np.argsort(R, kind="stable")  # -> sorted by (R, K, P)
+    R, K, P = R[order], K[order], P[order]
+    pair_start = np.flatnonzero(np.r_[True, (R[1:] != R[:-1]) | (K[1:] != K[:-1])])
+    count = np.diff(np.r_[pair_start, len(R)])  # multiplicity of each (R, K) pair
+    pr, pk = R[pair_start], K[pair_start]
+    starts = np.flatnonzero(np.r_[True, pr[1:] != pr[:-1]])
+    ends = np.r_[starts[1:], len(pr)]
+    has_out = np.logical_or.reduceat(is_out[pk], starts)
+    lo, hi = starts[has_out], ends[has_out]
+    first = pk[lo] * (int(P.max()) + 1) + P[pair_start[lo]]
+    signature = _segment_ids(pk * (int(count.max()) + 1) + count, lo, hi)
+    return pr[lo], first, signature
+
+
+def _partition(rep: np.ndarray, first: np.ndarray, bucket: np.ndarray, count: int
+               ) -> Tuple[np.ndarray, np.ndarray, List[Tuple[int, int, int]]]:
+    """Groups: the channels of one bucket, ordered by ``first``; groups by their first channel.
+
+    Returns ``rep_group``/``rep_chan`` (``int64[count]``, -1 off the channels) and, per group
+    in id order, ``(first representative, size, bucket % 4)``.
+    """
+    rep_group = np.full(count, -1, np.int64)
+    rep_chan = np.full(count, -1, np.int64)
+    if not len(rep):
+        return rep_group, rep_chan, []
+    order = _sort_order(bucket, first)
+    rep, bucket, first = rep[order], bucket[order], first[order]
+    b_start = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
+    b_size = np.diff(np.r_[b_start, len(rep)])
+    b_rank = np.empty(len(b_start), np.int64)
+    b_rank[np.argsort(first[b_start])] = np.arange(len(b_start))
+    which = np.repeat(np.arange(len(b_start)), b_size)
+    rep_group[rep] = b_rank[which]
+    rep_chan[rep] = np.arange(len(rep)) - b_start[which]
+    heads = [(int(rep[b_start[b]]), int(b_size[b]), int(bucket[b_start[b]]) % 4)
+             for b in np.argsort(b_rank).tolist()]
+    return rep_group, rep_chan, heads
+
+
+def _sort_order(major: np.ndarray, minor: np.ndarray) -> np.ndarray:
+    """Indices that sort non-negative integer pairs ``(major, minor)``, all distinct."""
+    if not len(major):
+        return np.zeros(0, np.int64)
+    span = int(minor.max()) + 1
+    if int(major.max()) < (1 << 62) // span:  # one int64 key: a plain sort, no lexsort
+        return np.argsort(major * span + minor)
+    return np.lexsort((minor, major))
+
+
+def _segment_ids(values: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """An id per segment ``values[starts[i]:ends[i]]``, equal for equal segments."""
+    lengths = ends - starts
+    ids = np.empty(len(starts), np.int64)
+    next_id = 0
+    for n in unique_sorted(lengths).tolist():
+        rows = np.flatnonzero(lengths == n)
+        seqs = values[starts[rows, None] + np.arange(n)]
+        order = np.lexsort(seqs.T[::-1])
+        seqs = seqs[order]
+        new = np.r_[True, (seqs[1:] != seqs[:-1]).any(axis=1)]
+        local = np.cumsum(new) - 1
+        ids[rows[order]] = next_id + local
+        next_id += int(local[-1]) + 1
+    return ids
+
+
+def _marked(count: int, elements: Dict[int, str]) -> np.ndarray:
+    """``bool[count]``, True at the given elements."""
+    mask = np.zeros(count, bool)
+    mask[np.fromiter(elements, np.int64, len(elements))] = True
+    return mask
 
 
 def _first_reason(comp: np.ndarray, entries: List[Tuple[np.ndarray, str]]) -> Dict[int, str]:
@@ -259,26 +321,22 @@ def _first_reason(comp: np.ndarray, entries: List[Tuple[np.ndarray, str]]) -> Di
 
 def _attach_nodes(gm: torch.fx.GraphModule, an: Analysis, groups: List[Group], index: GroupIndex) -> None:
     """``node.meta["fxprune.groups"]`` and ``Group.nodes``: which groups each node carries."""
-    nodes = list(gm.graph.nodes)
-    node_ids, group_ids = [], []
-    for i, node in enumerate(nodes):
+    seen: Dict[int, Tuple[np.ndarray, List[int]]] = {}  # id(units) -> (units, groups); holds units: ids stay unique
+    for node in gm.graph.nodes:
         out = an.channels.get(node.name)
         node.meta[META_CHANNELS] = out
-        node.meta["fxprune.groups"] = []
+        gids = set()
         for tc in _flatten_tc(out):
             for t in tc.dims:
                 if t is not None:
-                    group_ids.append(index.group[t.units])
-                    node_ids.append(np.full(len(t), i, np.int64))
-    if not node_ids:
-        return
-    stride = len(groups) + 1
-    codes = np.unique(np.concatenate(node_ids) * stride + np.concatenate(group_ids) + 1)
-    for i, g in zip((codes // stride).tolist(), (codes % stride - 1).tolist()):
-        if g < 0:
-            continue
-        nodes[i].meta["fxprune.groups"].append(g)
-        groups[g].nodes.append(nodes[i].name)
+                    hit = seen.get(id(t.units))
+                    if hit is None:  # tracks often share their element array (conv -> bn -> relu)
+                        hit = seen[id(t.units)] = (t.units, unique_sorted(index.group[t.units]).tolist())
+                    gids.update(hit[1])
+        gids.discard(-1)
+        node.meta["fxprune.groups"] = sorted(gids)
+        for g in node.meta["fxprune.groups"]:
+            groups[g].nodes.append(node.name)
 
 
 @dataclass

@@ -108,6 +108,15 @@ def state_const_map(state: np.ndarray) -> np.ndarray:
     return np.where(state == ANY, ANY, CONST).astype(np.int8)
 
 
+def unique_sorted(values: np.ndarray) -> np.ndarray:
+    """The distinct values of an integer array, sorted (``np.unique`` by sorting: NumPy's
+    hash-table ``np.unique`` is many times slower on the dense id ranges used here)."""
+    s = np.sort(np.asarray(values), axis=None)
+    if len(s) < 2:
+        return s
+    return s[np.concatenate(([True], s[1:] != s[:-1]))]
+
+
 # ---------------------------------------------------------------------------- union-find
 
 class ElementStore:
@@ -121,6 +130,7 @@ class ElementStore:
         self.count = 0
         self._edges_a: List[np.ndarray] = []
         self._edges_b: List[np.ndarray] = []
+        self._marks = np.zeros(0, bool)  # scratch for isin(), all False between calls
 
     def fresh(self, n: int) -> np.ndarray:
         ids = np.arange(self.count, self.count + n, dtype=np.int64)
@@ -131,7 +141,10 @@ class ElementStore:
         a = np.asarray(a, np.int64).ravel()
         b = np.asarray(b, np.int64).ravel()
         keep = a != b
-        if keep.any():
+        if len(a) and keep.all():  # the usual case: no copies (element arrays are never written to)
+            self._edges_a.append(a)
+            self._edges_b.append(b)
+        elif keep.any():
             self._edges_a.append(a[keep])
             self._edges_b.append(b[keep])
 
@@ -140,6 +153,16 @@ class ElementStore:
         ids = np.asarray(ids, np.int64).ravel()
         if len(ids) > 1:
             self.union(np.full(len(ids) - 1, ids[0]), ids[1:])
+
+    def isin(self, elements: np.ndarray, among: np.ndarray) -> np.ndarray:
+        """``bool[len(elements)]``: whether each element id occurs in ``among`` (``np.isin``
+        for element ids, in linear time: a mark per element of the store)."""
+        if len(self._marks) < self.count:
+            self._marks = np.zeros(max(self.count, 2 * len(self._marks)), bool)
+        self._marks[among] = True
+        hit = self._marks[elements]
+        self._marks[among] = False
+        return hit
 
     def components(self) -> np.ndarray:
         """``int64[count]``: a representative (the smallest id) for every element."""

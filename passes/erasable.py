@@ -48,8 +48,9 @@ from fxprune.errors import FxPruneError, describe_node
 from fxprune.ir import Erasable, Slice
 
 from .channels import ANY, ZERO, TensorChannels, Track
+from .lookup import get_tensor
 from .op_semantics import META_SPEC
-from .rule_context import Analysis, RuleContext, _get_tensor
+from .rule_context import Analysis, RuleContext
 
 META_ERASABLES = "fxprune.erasables"
 META_REJECTED = "fxprune.erasables_rejected"
@@ -467,7 +468,7 @@ def _abstract_zero(gm: torch.fx.GraphModule, ca: Any, nodes: Sequence[torch.fx.N
                 an.channels[inp.name] = _fresh_any(ca.analysis.channels.get(inp.name), an)
         ctx = RuleContext(an, gm, node)
         if node.op == "get_attr":
-            tensor = _get_tensor(gm, node.target)
+            tensor = get_tensor(gm, node.target)
             out = ctx.attr_channels(an.canonical.get(node.target, node.target), tensor) if tensor is not None else None
         else:
             spec = node.meta.get(META_SPEC)
@@ -535,7 +536,7 @@ def _numeric_zero(gm: torch.fx.GraphModule, nodes: Sequence[torch.fx.Node], sink
         args = torch.fx.node.map_arg(node.args, load)
         kwargs = torch.fx.node.map_arg(node.kwargs, load)
         if node.op == "get_attr":
-            val = _get_tensor(gm, node.target)
+            val = get_tensor(gm, node.target)
             if val is None:
                 val = gm
                 for part in node.target.split("."):
@@ -591,7 +592,7 @@ class ErasablePass(PassBase):
                     full = f"{node.target}.{pname}"
                     ps.append((canon.get(full, full), p))
             elif node.op == "get_attr":
-                t = _get_tensor(gm, node.target)
+                t = get_tensor(gm, node.target)
                 if isinstance(t, torch.nn.Parameter):
                     ps.append((canon.get(node.target, node.target), t))
             node_params[node.name] = ps
@@ -798,7 +799,7 @@ class ErasablePass(PassBase):
                       for p, (dim, pos) in sorted(c["extra"].items())]
             num = sum(int(p.numel()) for p in c["params"].values())
             for s in slices:
-                t = _get_tensor(gm, s.param)
+                t = get_tensor(gm, s.param)
                 num += len(s.index) * (t.numel() // max(1, t.shape[s.dim]) if t is not None else 1)
             erasables.append(Erasable(
                 id=k, nodes=list(c["nodes"]), params=sorted(c["params"]), parents=sorted(parents),

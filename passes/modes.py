@@ -16,4 +16,5 @@ def eval_mode(module: torch.nn.Module):
         yield module
     finally:
         for m, flag in flags:
-            m.training = flag
+            if m.training != flag:
+                m.training = flag

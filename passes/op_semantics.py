@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from .lookup import Lookup
 from .registry import REGISTRY, Registry
 
 META_SPEC = "fxprune.spec"
@@ -19,8 +20,9 @@ class OpSemanticsPass(PassBase):
         self.registry = registry
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        lookup = Lookup(gm)
         for node in gm.graph.nodes:
             if node.op in ("call_module", "call_function", "call_method"):
-                module = gm.get_submodule(node.target) if node.op == "call_module" else None
+                module = lookup.module(node.target) if node.op == "call_module" else None
                 node.meta[META_SPEC] = self.registry.lookup(node, module)
         return PassResult(gm, False)

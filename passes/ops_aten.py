@@ -13,10 +13,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import ops_attention  # noqa: F401  (entries aliased below)
+from . import ops_attention, ops_einsum  # noqa: F401  (entries aliased below)
 from .channels import ZERO, TensorChannels, Track, norm_dim, state_const_map
 from .ops_nn import _dim0, conv_channels, embedding_channels, functional_norm_channels, layernorm_channels
-from .ops_tensor import _pieces, elementwise_channels, matmul_channels
+from .ops_tensor import _pieces, elementwise_channels, index_channels, matmul_channels
 from .registry import REGISTRY, register_function
 
 aten = torch.ops.aten
@@ -42,7 +42,7 @@ ALIASES = {
     torch.movedim: [aten.movedim.int],
     torch.mean: [aten.mean.dim], torch.sum: [aten.sum.dim_IntList], torch.amax: [aten.amax.default],
     torch.amin: [aten.amin.default], torch.var: _overloads(aten.var, ["correction", "dim"]),
-    torch.matmul: [aten.matmul.default, aten.bmm.default, aten.mm.default],
+    torch.matmul: [aten.matmul.default, aten.bmm.default, aten.mm.default], torch.einsum: [aten.einsum.default],
     torch.where: _overloads(aten.where, ["self", "ScalarOther", "ScalarSelf", "Scalar"]),
     F.layer_norm: [aten.layer_norm.default], F.group_norm: [aten.group_norm.default],
     F.scaled_dot_product_attention: [aten.scaled_dot_product_attention.default],
@@ -54,7 +54,8 @@ ALIASES = {
     F.softplus: [aten.softplus.default], torch.abs: [aten.abs.default], torch.neg: [aten.neg.default],
     torch.sqrt: [aten.sqrt.default], torch.erf: [aten.erf.default], torch.sin: [aten.sin.default],
     torch.cos: [aten.cos.default], torch.square: [aten.square.default],
-    F.dropout: [aten.dropout.default], torch.clamp: [aten.clamp.default],
+    F.dropout: [aten.dropout.default], torch.clamp: [aten.clamp.default], torch.clamp_min: [aten.clamp_min.default],
+    torch.linalg.vector_norm: [aten.linalg_vector_norm.default],
     F.adaptive_avg_pool2d: [aten.adaptive_avg_pool2d.default], F.avg_pool2d: [aten.avg_pool2d.default],
     F.max_pool2d: [aten.max_pool2d.default], F.pixel_shuffle: [aten.pixel_shuffle.default],
     F.pixel_unshuffle: [aten.pixel_unshuffle.default], F.interpolate: _overloads(
@@ -62,7 +63,9 @@ ALIASES = {
     F.pad: [aten.pad.default], torch.roll: [aten.roll.default],
     "contiguous": [aten.contiguous.default, aten.clone.default, aten.detach.default, aten.alias.default,
                    aten._to_copy.default, aten.lift_fresh_copy.default] + _overloads(aten.to, ["dtype", "dtype_layout"]),
-    "expand": [aten.expand.default],
+    "expand": [aten.expand.default], "expand_as": [aten.expand_as.default], "zero_": [aten.zero_.default],
+    "new_zeros": _overloads(aten.new_zeros, ["default"]) + _overloads(aten.new_ones, ["default"]) + _overloads(
+        aten.new_full, ["default"]) + _overloads(aten.new_empty, ["default"]),
 }
 
 for _fn, _overloads_list in ALIASES.items():
@@ -198,6 +201,15 @@ def _select(ctx):
     if x.dims[d] is not None:
         ctx.pin(x.dims[d].take([index]) if isinstance(index, int) else x.dims[d], "a single channel selected by index")
     return TensorChannels(ctx.out_shape, x.dims[:d] + x.dims[d + 1:])
+
+
+@register_function(aten.index.Tensor, selects=True, name="index")
+def _index(ctx):
+    """``aten.index(x, indices)``: ``x[indices]`` with ``None`` for a whole dim (``x[:, idx]``)."""
+    x = _tc(ctx, ctx.arg(0))
+    if x is None:
+        return ctx.unknown("indexing a value fxprune cannot follow")
+    return index_channels(ctx, x, tuple(slice(None) if i is None else i for i in ctx.arg(1, "indices")))
 
 
 def _rewrite_split(rctx) -> None:

@@ -127,6 +127,18 @@ def _pow(ctx):
     return x if e > 0 else x.map_state(state_const_map)
 
 
+@register_function(torch.zero_, name="zero")
+@register_method("zero_", name="zero")
+def _zero(ctx):
+    """``x.zero_()``: every position becomes exactly zero. When ``x`` is a view of another
+    tensor (``b[k:2*k].zero_()``), that tensor's positions only turn to zero, so what the
+    analysis says of them stays true."""
+    x = _tc(ctx, ctx.arg(0, "input"))
+    if x is None:
+        return ctx.unknown("zero_ of a value fxprune cannot follow")
+    return x.map_state(np.zeros_like)
+
+
 @register_function(torch.where, name="where")
 @register_method("where", name="where")
 def _where(ctx):
@@ -337,7 +349,8 @@ def _index_plan(x: TensorChannels, idx) -> Optional[list]:
     return plan
 
 
-def _getitem_tensor(ctx, x: TensorChannels, idx) -> TensorChannels:
+def index_channels(ctx, x: TensorChannels, idx) -> TensorChannels:
+    """``x[idx]`` for a getitem index (ints, slices, None, Ellipsis, one index tensor)."""
     plan = _index_plan(x, idx)
     dims: List[Optional[Track]] = []
     for kind, d, i in plan:
@@ -361,8 +374,8 @@ def _getitem_tensor(ctx, x: TensorChannels, idx) -> TensorChannels:
                     ctx.pin(t.take([i]), "a single channel selected by index")
                 else:
                     ctx.pin(t, "a channel selected by a computed index")
-        else:  # advanced indexing: only a single leading index tensor is followed
-            return _gather_leading(ctx, x, plan)
+        else:  # advanced indexing: a single index tensor is followed
+            return _gather(ctx, x, plan)
     out_shape = ctx.out_shape
     if len(dims) != len(out_shape):
         return ctx.unknown("indexing fxprune cannot follow")
@@ -381,16 +394,31 @@ def _strided(ctx, t: Track, n: int, i: slice) -> Optional[Track]:
     return None
 
 
-def _gather_leading(ctx, x: TensorChannels, plan) -> TensorChannels:
-    """``x[idx]`` (or ``x[idx, :, ...]``) with an index tensor: dim 0 is gathered, the other
-    dims keep their channels (a relative-position table's head dim, say)."""
-    rest = plan[1:]
-    if plan[0][0] != "tensor" or any(k != "keep" and not (k == "slice" and p == slice(None)) for k, _, p in rest):
+def _gather(ctx, x: TensorChannels, plan) -> TensorChannels:
+    """``x[..., idx, ...]`` with one integer index tensor on dim ``d`` and whole slices elsewhere
+    (``table[idx]``, ``biases[:, idx]``): dim ``d`` is gathered, so its channels are frozen and
+    the index's dims take its place; every other dim keeps its channels (the head dim of a
+    relative-position table or of a per-head attention bias)."""
+    tensors = [(d, i) for kind, d, i in plan if kind == "tensor"]
+    whole = all(kind == "keep" or (kind == "slice" and i == slice(None)) for kind, _, i in plan if kind != "tensor")
+    if len(tensors) != 1 or not whole:
         return ctx.unknown("advanced indexing fxprune cannot follow")
-    ctx.pin(x.dims[0], "channels gathered by an index tensor")
+    d, index = tensors[0]
+    if not _integer_index(index):
+        return ctx.unknown("indexing by a mask or by a value fxprune cannot follow")
+    ctx.pin(x.dims[d], "channels gathered by an index tensor")
     out_shape = ctx.out_shape
-    n_lead = len(out_shape) - (x.ndim - 1)
-    return TensorChannels(out_shape, [None] * n_lead + list(x.dims[1:]))
+    n_index = len(out_shape) - (x.ndim - 1)
+    return TensorChannels(out_shape, list(x.dims[:d]) + [None] * n_index + list(x.dims[d + 1:]))
+
+
+def _integer_index(index) -> bool:
+    """An integer index tensor (a graph value) or a list of ints; not a boolean mask."""
+    if isinstance(index, (list, tuple)):
+        return all(isinstance(i, int) for i in index)
+    meta = index.meta.get("tensor_meta") if isinstance(index, torch.fx.Node) else None
+    dtype = getattr(meta, "dtype", None)
+    return dtype is not None and dtype != torch.bool and not dtype.is_floating_point and not dtype.is_complex
 
 
 def _rewrite_getitem(rctx) -> None:
@@ -440,7 +468,7 @@ def _getitem(ctx):
     idx = ctx.arg(1)
     c = ctx.ch(src)
     if isinstance(c, TensorChannels):
-        return _getitem_tensor(ctx, c, idx)
+        return index_channels(ctx, c, idx)
     if isinstance(c, (list, tuple)) and isinstance(idx, int):
         return c[idx]
     if isinstance(c, (list, tuple)):
@@ -476,6 +504,12 @@ def _metadata(ctx):
     else:
         record_size(ctx, x, 0 if what == "len" else None)
     return None
+
+
+@register_method("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", selects=True, name="new_tensor")
+def _new_tensor(ctx):
+    """``x.new_zeros(size)`` and kin: a new tensor that takes only ``x``'s dtype and device."""
+    return ctx.out_untracked()
 
 
 @register_method("dim", "stride", "element_size", "is_contiguous", selects=True, name="metadata")
@@ -758,6 +792,49 @@ for _kind, _fns, _methods in [
 ]:
     register_function(*_fns, name=_kind)(_reduction(_kind))
     register_method(*_methods, name=_kind)(_reduction(_kind))
+
+
+@register_function(torch.linalg.vector_norm, name="norm")
+def _vector_norm(ctx):
+    """``torch.linalg.vector_norm(x, ord, dim, keepdim)``: a sum over the reduced dims, exact
+    over channels for ``ord > 0`` (a removed zero adds nothing)."""
+    x = _tc(ctx, ctx.arg(0, "input"))
+    order = ctx.arg(1, "ord", 2)
+    if x is None or not isinstance(order, Number):
+        return ctx.unknown("vector norm of a value fxprune cannot follow")
+    kind = "norm" if order > 0 else f"norm of order {order:g}"
+    return reduce_channels(ctx, x, ctx.arg(2, "dim", None), ctx.arg(3, "keepdim", False), kind)
+
+
+@register_function(torch.nn.functional.normalize, name="normalize")
+def _normalize(ctx):
+    """``F.normalize(x, p, dim, eps) = x / max(||x||_p, eps)`` along ``dim`` (cosine attention
+    normalises q and k over the head width).
+
+    * Along every other dim channels pass through with their zero state: a zeroed channel's
+      whole slice is zero, so its norm is 0 and it stays ``0 / eps = 0``.
+    * Along ``dim`` the norm sums over the channels: for ``p > 0`` a removed channel that is
+      exactly zero adds nothing to it, so the others' values are unchanged (exact); a channel
+      that is not zero when zeroed changes every other value (inexact). A zeroed channel comes
+      out zero; any other value is divided by a data-dependent norm.
+    """
+    x = _tc(ctx, ctx.arg(0, "input"))
+    p = ctx.arg(1, "p", 2.0)
+    dim = ctx.arg(2, "dim", 1)
+    if x is None or not isinstance(p, Number):
+        return ctx.unknown("normalize with a tensor exponent")
+    dims = list(x.dims)
+    for d in ([dim] if isinstance(dim, int) else list(dim)):
+        d = norm_dim(d, x.ndim)
+        t = x.dims[d]
+        if t is None:
+            continue
+        if p > 0:
+            ctx.require_zero(t, f"an L{p:g} norm over channels")
+        else:
+            ctx.inexact(t, f"an L{p:g} norm over channels changes when a channel is removed")
+        dims[d] = Track(t.units, np.where(t.state == ZERO, ZERO, ANY).astype(np.int8))
+    return TensorChannels(x.shape, dims)
 
 
 # ============================================================================ matrix products

@@ -13,7 +13,7 @@ tracks of the node's output. On the way it may
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -21,7 +21,8 @@ import torch.fx
 
 from fxprune.errors import describe_node
 
-from .channels import ANY, CONST, ZERO, ElementStore, TensorChannels, Track, untracked
+from .channels import CONST, ZERO, ElementStore, TensorChannels, Track, untracked
+from .lookup import Lookup
 
 _MISSING = object()
 
@@ -54,12 +55,16 @@ class Analysis:
 class RuleContext:
     """The interface between one node's rule and the analysis (see module docstring)."""
 
-    def __init__(self, analysis: Analysis, gm: torch.fx.GraphModule, node: torch.fx.Node):
+    def __init__(self, analysis: Analysis, gm: torch.fx.GraphModule, node: torch.fx.Node,
+                 lookup: Optional[Lookup] = None):
+        """``lookup``: a :class:`Lookup` of ``gm`` shared by the contexts of one walk (optional)."""
         self.analysis = analysis
         self.gm = gm
         self.node = node
-        self.module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        self.lookup = lookup if lookup is not None else Lookup(gm, index=False)
+        self.module = self.lookup.module(node.target) if node.op == "call_module" else None
         self.touched: List[np.ndarray] = []  # elements the rule linked, froze or checked
+        self._tensor_args: Optional[List[TensorChannels]] = None
 
     # ----------------------------------------------------------------- reading the node
     def arg(self, index: int, name: Optional[str] = None, default: Any = _MISSING) -> Any:
@@ -82,27 +87,11 @@ class RuleContext:
 
     def tensor_args(self) -> List[TensorChannels]:
         """Channel tracks of every tensor among the node's (flattened) arguments."""
-        out: List[TensorChannels] = []
-
-        def visit(v):
-            if isinstance(v, torch.fx.Node):
-                c = self.analysis.channels.get(v.name)
-                if isinstance(c, TensorChannels):
-                    out.append(c)
-                elif isinstance(c, (list, tuple)):
-                    for x in c:
-                        if isinstance(x, TensorChannels):
-                            out.append(x)
-            elif isinstance(v, (list, tuple)):
-                for x in v:
-                    visit(x)
-            elif isinstance(v, dict):
-                for x in v.values():
-                    visit(x)
-
-        visit(self.node.args)
-        visit(self.node.kwargs)
-        return out
+        if self._tensor_args is None:  # inputs do not change while the node's rule runs
+            self._tensor_args = []
+            for v in (self.node.args, self.node.kwargs):
+                _collect_tensors(v, self.analysis.channels, self._tensor_args)
+        return list(self._tensor_args)
 
     @property
     def out_shape(self) -> Tuple[int, ...]:
@@ -127,8 +116,10 @@ class RuleContext:
 
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
         """Unify element arrays position by position (``a`` broadcast to ``b``'s shape)."""
-        a, b = np.broadcast_arrays(np.asarray(a), np.asarray(b))
-        self.touched += [a.ravel(), b.ravel()]
+        a, b = np.asarray(a), np.asarray(b)
+        if a.shape != b.shape or a.ndim != 1:
+            a, b = (x.ravel() for x in np.broadcast_arrays(a, b))
+        self.touched += [a, b]
         self.analysis.store.union(a, b)
 
     def unify(self, *tracks: Optional[Track], reason: str = "") -> None:
@@ -174,7 +165,7 @@ class RuleContext:
         Returns None if the module has no such tensor (``bias=False``).
         """
         name = attr if qualified else f"{self.node.target}.{attr}"
-        tensor = _get_tensor(self.gm, name)
+        tensor = self.lookup.tensor(name)
         if tensor is None:
             return None
         name = self.analysis.canonical.get(name, name)
@@ -246,14 +237,21 @@ class RuleContext:
             self.inexact(x.take(bad), f"a zeroed channel still holds {kind}{made} where it reaches {what}")
 
 
-def _get_tensor(gm: torch.nn.Module, name: str) -> Optional[torch.Tensor]:
-    module_path, _, attr = name.rpartition(".")
-    try:
-        owner = gm.get_submodule(module_path) if module_path else gm
-    except AttributeError:
-        return None
-    t = getattr(owner, attr, None)
-    return t if isinstance(t, torch.Tensor) else None
+def _collect_tensors(v: Any, channels: Dict[str, Any], out: List[TensorChannels]) -> None:
+    """Append the channel tracks of every tensor in a node argument (nested lists, tuples and
+    dicts; a node's tuple output contributes its tensors)."""
+    if isinstance(v, torch.fx.Node):
+        c = channels.get(v.name)
+        if isinstance(c, TensorChannels):
+            out.append(c)
+        elif isinstance(c, (list, tuple)):
+            out.extend(x for x in c if isinstance(x, TensorChannels))
+    elif isinstance(v, (list, tuple)):
+        for x in v:
+            _collect_tensors(x, channels, out)
+    elif isinstance(v, dict):
+        for x in v.values():
+            _collect_tensors(x, channels, out)
 
 
 def _flatten_tc(value: Any) -> List[TensorChannels]:

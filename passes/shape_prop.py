@@ -1,18 +1,69 @@
 """Shape propagation: real shapes and dtypes on every node (``node.meta["tensor_meta"]``),
-by :class:`torch.fx.passes.shape_prop.ShapeProp` on the example inputs, in eval mode and
-without autograd so that the model's state (BatchNorm statistics) is left untouched."""
+by running the graph once on the example inputs, in eval mode and without autograd so that
+the model's state (BatchNorm statistics) is left untouched.
+
+The metadata is exactly that of :class:`torch.fx.passes.shape_prop.ShapeProp`
+(``tensor_meta`` and ``type``), but each distinct tensor layout is described once: working out
+a layout's memory format costs more than running a small layer.
+"""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Dict, Sequence, Tuple
 
 import torch
 import torch.fx
+from torch._guards import detect_fake_mode
+from torch.fx.node import map_aggregate
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tensor_metadata
 
 from fxprune.errors import UnsupportedInputError
 
 from .modes import eval_mode
+
+
+class RecordShapes(torch.fx.Interpreter):
+    """Runs the graph and records what :class:`ShapeProp` records on each node."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        super().__init__(gm)
+        self._layouts: Dict[Tuple, TensorMetadata] = {}
+        self._attrs: Dict[str, Any] = {}
+
+    def fetch_attr(self, target: str) -> Any:
+        """The submodule or tensor at ``target``, looked up once per run (a module path is
+        resolved attribute by attribute, which costs more than a small layer's forward)."""
+        if target not in self._attrs:
+            self._attrs[target] = super().fetch_attr(target)
+        return self._attrs[target]
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        result = super().run_node(n)
+        found_tensor = False
+
+        def describe(obj: Any) -> Any:
+            nonlocal found_tensor
+            if isinstance(obj, torch.Tensor):
+                found_tensor = True
+                return self.describe(obj)
+            return obj
+
+        meta = map_aggregate(result, describe)
+        if found_tensor:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
+
+    def describe(self, t: torch.Tensor) -> TensorMetadata:
+        """``ShapeProp``'s metadata of ``t``; for a dense, non-quantized tensor it depends on
+        its shape, strides, dtype and ``requires_grad`` only, and is computed once per layout."""
+        if t.layout != torch.strided or t.is_quantized:
+            return _extract_tensor_metadata(t)
+        key = (t.shape, t.stride(), t.dtype, t.requires_grad)
+        meta = self._layouts.get(key)
+        if meta is None:
+            meta = self._layouts[key] = _extract_tensor_metadata(t)
+        return meta
 
 
 class ShapePropPass(PassBase):
@@ -23,9 +74,11 @@ class ShapePropPass(PassBase):
         self.example_inputs = tuple(example_inputs)
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        # under an active fake mode (torch.compile tracing), ShapeProp's fake-tensor path
+        interpreter = ShapeProp(gm).propagate if detect_fake_mode() is not None else RecordShapes(gm).run
         try:
             with torch.no_grad(), eval_mode(gm):
-                ShapeProp(gm).propagate(*self.example_inputs)
+                interpreter(*self.example_inputs)
         except Exception as exc:
             raise UnsupportedInputError(
                 f"the model does not run on the example inputs "

@@ -15,7 +15,7 @@ import sympy
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from .channels import TensorChannels, Track
+from .channels import TensorChannels, Track, unique_sorted
 
 META_SHAPE = "fxprune.shape"
 
@@ -46,14 +46,14 @@ class SymbolicShapes:
             return sympy.Integer(concrete)
         g = self.group_of[track.units]
         c = self.channel_of[track.units]
-        expr = sympy.Integer(int((g < 0).sum()))
-        for gid in np.unique(g[g >= 0]).tolist():
+        terms = [sympy.Integer(int((g < 0).sum()))]
+        for gid in unique_sorted(g[g >= 0]).tolist():
             counts = np.bincount(c[g == gid], minlength=self.sizes[gid])
-            for m in np.unique(counts[counts > 0]).tolist():
+            for m in unique_sorted(counts[counts > 0]).tolist():
                 chans = np.flatnonzero(counts == m)
                 sym = self.full[gid] if len(chans) == self.sizes[gid] else self._subset(gid, chans)
-                expr += m * sym
-        return expr
+                terms.append(m * sym)
+        return sympy.Add(*terms)
 
     def shape(self, tc: TensorChannels) -> Tuple[sympy.Expr, ...]:
         return tuple(self.size(t, s) for s, t in zip(tc.shape, tc.dims))
@@ -81,14 +81,28 @@ class SymbolicShapesPass(PassBase):
         ca = gm.meta["fxprune"]
         sym = SymbolicShapes(ca.index.group, ca.index.channel, [g.size for g in ca.groups])
         ca.sym = sym
+        sizes: Dict[int, Tuple[np.ndarray, sympy.Expr]] = {}  # id(units) -> (units, size); holds units: ids stay unique
+
+        def shape_of(tc: TensorChannels) -> Tuple[sympy.Expr, ...]:
+            """``sym.shape(tc)``, each element array sized once (tracks often share theirs)."""
+            out = []
+            for concrete, track in zip(tc.shape, tc.dims):
+                if track is None:
+                    out.append(sympy.Integer(concrete))
+                    continue
+                if id(track.units) not in sizes:
+                    sizes[id(track.units)] = (track.units, sym.size(track))
+                out.append(sizes[id(track.units)][1])
+            return tuple(out)
+
         for node in gm.graph.nodes:
-            node.meta[META_SHAPE] = _map(ca.analysis.channels.get(node.name), sym)
+            node.meta[META_SHAPE] = _map(ca.analysis.channels.get(node.name), shape_of)
         return PassResult(gm, False)
 
 
-def _map(value, sym: SymbolicShapes):
+def _map(value, shape_of):
     if isinstance(value, TensorChannels):
-        return sym.shape(value)
+        return shape_of(value)
     if isinstance(value, (list, tuple)):
-        return tuple(_map(v, sym) for v in value)
+        return tuple(_map(v, shape_of) for v in value)
     return None

@@ -13,7 +13,7 @@ import math
 import os
 import traceback
 import types
-from typing import Any, Dict, Iterable, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Union
 
 import torch
 import torch.fx
@@ -42,20 +42,55 @@ def training_dependent_modules() -> Tuple[type, ...]:
     return tuple(leaves)
 
 
+def functions_to_trace_through() -> Tuple[Callable, ...]:
+    """Functions that a library hides from symbolic tracing with ``torch.fx.wrap`` (their
+    bodies branch on tensor shapes) although fxprune needs their bodies to follow channels:
+    torchvision Swin's windowed attention and relative-position bias, whose heads, projections
+    and bias tables would otherwise all be frozen.
+
+    Symbolic tracing cannot take these bodies, so :class:`FxPruneTracer` stops at a call to
+    one of them and ``fxprune.compile`` (``frontend="auto"``) falls back to ``torch.export``,
+    which traces them with concrete shapes into ATen ops the registry knows.
+    """
+    try:
+        from torchvision.models import swin_transformer
+    except ImportError:
+        return ()
+    return tuple(getattr(swin_transformer, n) for n in ("shifted_window_attention", "_get_relative_position_bias")
+                 if callable(getattr(swin_transformer, n, None)))
+
+
+class OpaqueFunctionError(RuntimeError):
+    """A call to a function of :func:`functions_to_trace_through` met during symbolic tracing."""
+
+
 class FxPruneTracer(torch.fx.Tracer):
     """A :class:`torch.fx.Tracer` with user leaf modules and traceable error reports.
 
     Args:
         leaf_modules: module classes or qualified names kept as single ``call_module`` nodes
             (fxprune freezes the channels they touch unless the registry knows the class).
+        trace_through: ``torch.fx.wrap``-ped functions that must not become opaque nodes:
+            tracing stops with :class:`OpaqueFunctionError` where one is called (default:
+            :func:`functions_to_trace_through`; ``()`` keeps every wrapped function opaque).
     """
 
-    def __init__(self, leaf_modules: Iterable[Union[type, str]] = (), **kwargs):
+    def __init__(self, leaf_modules: Iterable[Union[type, str]] = (),
+                 trace_through: Optional[Iterable[Callable]] = None, **kwargs):
         kwargs.setdefault("autowrap_modules", (math,))
         super().__init__(**kwargs)
         leaf_modules = tuple(leaf_modules)
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type)) + training_dependent_modules()
         self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
+        self.trace_through = tuple(functions_to_trace_through() if trace_through is None else trace_through)
+
+    def create_proxy(self, kind, target, args, kwargs, *rest, **kw):
+        if kind == "call_function" and any(target is f for f in self.trace_through):
+            raise OpaqueFunctionError(
+                f"{target.__module__}.{target.__qualname__} is hidden from symbolic tracing by torch.fx.wrap and "
+                f"its channels can only be followed through its body; torch.export traces it "
+                f"(fxprune.compile(..., frontend='export'), which frontend='auto' falls back to)")
+        return super().create_proxy(kind, target, args, kwargs, *rest, **kw)
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or isinstance(m, self.leaf_types):
@@ -78,7 +113,8 @@ def _user_frame(tb) -> Optional[traceback.FrameSummary]:
     """Innermost frame of the traceback outside torch itself."""
     import fxprune
 
-    skip = (os.path.dirname(torch.__file__), os.path.dirname(__file__), os.path.dirname(fxprune.__file__))
+    # directories with a trailing separator: torch's must not also match torchvision's
+    skip = tuple(os.path.join(os.path.dirname(f), "") for f in (torch.__file__, __file__, fxprune.__file__))
     frames = traceback.extract_tb(tb)
     for fr in reversed(frames):
         if not fr.filename.startswith(skip):

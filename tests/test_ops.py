@@ -1526,3 +1526,160 @@ def test_sdpa():
     for g in res.prog.groups:
         assert_exact_or_frozen(g)
     assert_prunable(group_of(res.prog, "proj.weight"))
+
+
+# ---------------------------------------------------------------------------- transformer ops
+
+from models_zoo_small import assert_frozen_by  # noqa: E402
+
+
+class HeadAttention(nn.Module):
+    """Two-head self-attention over (B, N, 10) tokens, its scores written with ``variant``:
+
+    * ``"einsum"``: ``torch.einsum`` with spaced subscripts for the scores and an ellipsis for
+      the weighted sum (torchvision MaxViT);
+    * ``"cosine"``: q and k L2-normalised over the head width, times a per-head learnt scale
+      (Swin v2);
+    * ``"gathered_bias"``: scaled scores plus a per-head bias table gathered by an index
+      buffer, ``biases[:, idx]`` (timm LeViT, EfficientFormer).
+    """
+
+    HEADS, WIDTH, N = 2, 4, 5
+
+    def __init__(self, variant: str):
+        super().__init__()
+        h, d, n = self.HEADS, self.WIDTH, self.N
+        self.variant = variant
+        self.qkv = nn.Linear(10, 3 * h * d)
+        self.proj = nn.Linear(h * d, 6)
+        self.out = nn.Linear(6, 3)
+        if variant == "cosine":
+            self.logit_scale = nn.Parameter(torch.log(10 * torch.ones(h, 1, 1)))
+        if variant == "gathered_bias":
+            self.attention_biases = nn.Parameter(torch.randn(h, 2 * n - 1))
+            pos = torch.arange(n)
+            self.register_buffer("attention_bias_idxs", pos[:, None] - pos[None, :] + n - 1)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        h, d = self.HEADS, self.WIDTH
+        q, k, v = self.qkv(x).view(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+        if self.variant == "einsum":
+            s = torch.einsum("b h i d, b h j d -> b h i j", q, k) * d ** -0.5
+            a = torch.einsum("...ij,...jd->...id", s.softmax(dim=-1), v)
+        else:
+            if self.variant == "cosine":
+                s = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+                s = s * torch.clamp(self.logit_scale, max=4.6).exp()
+            else:
+                s = q @ k.transpose(-2, -1) * d ** -0.5 + self.attention_biases[:, self.attention_bias_idxs]
+            a = s.softmax(dim=-1) @ v
+        return self.out(F.relu(self.proj(a.transpose(1, 2).reshape(b, n, h * d))))
+
+
+HEAD_PARAMS = {"einsum": [], "cosine": ["logit_scale"], "gathered_bias": ["attention_biases"]}
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("variant", sorted(HEAD_PARAMS))
+def test_attention_head_variants(variant, frontend):
+    """The heads are one prunable exact group that owns the q/k/v rows of each head, the
+    matching columns of the output projection and each head's own scale or bias row."""
+    res = equiv(HeadAttention(variant), [tokens()], frontend=frontend)
+    h, d = HeadAttention.HEADS, HeadAttention.WIDTH
+    heads = group_of(res.prog, "qkv.weight")
+    assert_prunable(heads, f"heads through {variant}")
+    assert heads.size == h, repr(heads)
+    rows = next(s for s in heads.slices if s.param == "qkv.weight")
+    for c in range(h):  # head c: d rows in each of the q, k and v blocks
+        assert sorted(rows.indices_of(c).tolist()) == [blk * h * d + c * d + j for blk in range(3) for j in range(d)]
+    for p in HEAD_PARAMS[variant]:
+        assert group_of(res.prog, p, 0).id == heads.id, f"{p} rows are not sliced with their head"
+    assert any(s.param == "proj.weight" and s.dim == 1 for s in heads.dependents), repr(heads)
+    assert res.slim.get_parameter("proj.weight").shape[1] < h * d
+
+
+def test_einsum_labels():
+    from fxprune.passes.ops_einsum import einsum_labels
+
+    assert einsum_labels("b h i d, b h j d -> b h i j", [4, 4]) == (
+        [list("bhid"), list("bhjd")], list("bhij"))
+    assert einsum_labels("ji,jk", [2, 2]) == ([list("ji"), list("jk")], list("ik"))  # implicit: once-used, sorted
+    ell = [("...", 1), ("...", 0)]
+    assert einsum_labels("...ij,jk", [4, 2]) == ([ell + list("ij"), list("jk")], ell + list("ik"))
+    assert einsum_labels("...ij,...jk->...ik", [3, 4]) == (
+        [ell[1:] + list("ij"), ell + list("jk")], ell + list("ik"))
+    with pytest.raises(ValueError):
+        einsum_labels("ij,jk->ik", [2, 3])
+
+
+def test_einsum_with_weight():
+    """``einsum("bnc,dc->bnd", h, w)`` is a linear layer: ``w`` consumes the hidden channels of
+    ``fc1`` (its columns go with them) and produces channels of its own (its rows)."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(10, 8)
+            self.w = nn.Parameter(torch.randn(7, 8))
+            self.fc3 = nn.Linear(7, 3)
+
+        def forward(self, x):
+            return self.fc3(F.relu(torch.einsum("bnc,dc->bnd", F.relu(self.fc1(x)), self.w)))
+
+    res = equiv(M(), [tokens()])
+    hidden = group_of(res.prog, "fc1.weight")
+    assert_prunable(hidden)
+    assert any(s.param == "w" and s.dim == 1 for s in hidden.dependents), repr(hidden)
+    assert_prunable(group_of(res.prog, "w", 0))
+    assert res.slim.w.shape[0] < 7 and res.slim.w.shape[1] < 8
+
+
+def test_einsum_diagonal_freezes():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(10, 5)
+            self.fc2 = nn.Linear(5, 3)
+
+        def forward(self, x):
+            h = self.fc1(x)  # (B, 5, 5): tokens x channels, a square
+            return self.fc2(h * torch.einsum("bii->bi", h).unsqueeze(-1))
+
+    res = equiv(M(), [tokens()], expect_pruned=False)
+    assert_frozen_by(group_of(res.prog, "fc1.weight"), ["einsum"])
+
+
+def test_normalize_over_channels():
+    """``F.normalize(x, dim=1)``: a zeroed conv channel is exactly zero, adds nothing to the
+    norm and stays zero, so the group is exact; after a sigmoid (zero -> 0.5) it is not."""
+    res = equiv(Sandwich(Fn(lambda x: F.normalize(x, dim=1), "normalize")), [image()])
+    probe_check(res, zero_preserving=True)
+    res = equiv(Sandwich(Fn(lambda x: F.normalize(torch.sigmoid(x), dim=1), "normalize")), [image()],
+                expect_pruned=False)
+    g = group_of(res.prog, "conv1.weight")
+    assert not g.exact and "norm over channels" in g.reason, repr(g)
+
+
+def test_zero_on_a_view():
+    """``b = bias.clone(); b[k:2k].zero_()`` (Swin v2 drops the key bias so): the slice bounds
+    follow the pruned width and the zeroed block stays zero."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(10, 24)
+            self.proj = nn.Linear(8, 3)
+
+        def forward(self, x):
+            bias = self.qkv.bias.clone()
+            bias[8:16].zero_()
+            q, k, v = F.linear(x, self.qkv.weight, bias).chunk(3, dim=-1)
+            return self.proj(torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v)
+
+    for frontend in ("fx", "export"):
+        res = equiv(M(), [tokens()], frontend=frontend)
+        qkv = groups_with(res.prog, "qkv.weight", 0)
+        assert len(qkv) == 2, qkv  # q with k (contracted together), and v
+        for g in qkv:
+            assert_prunable(g, frontend)

@@ -173,3 +173,58 @@ def test_llama_grouped_query_heads():
     widths = {n: layer0.get_submodule(n).weight.shape for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
     assert widths["k_proj"][0] == widths["v_proj"][0] == d * (cfg.num_key_value_heads - 1), widths
     assert widths["q_proj"][0] == widths["o_proj"][1] == d * n_rep * (cfg.num_key_value_heads - 1), widths
+
+
+@pytest.mark.parametrize("name", ["hf/gpt2", pytest.param("hf/llama_eager", marks=pytest.mark.slow)])
+def test_export_assertions_have_no_channel_effect(name):
+    """``torch.export`` leaves dtype/shape checks in the graph (``aten._assert_tensor_metadata``):
+    they read no values, so they freeze nothing and every head group stays prunable."""
+    model, inputs = sweep.MODELS[name].build_light()
+    res = check_equivalence(model, inputs, seed=0, rtol=RTOL)
+    prog = res.prog
+    asserts = [n for n in prog.module.graph.nodes if n.target is torch.ops.aten._assert_tensor_metadata.default]
+    assert asserts, f"{name}: the export graph holds no _assert_tensor_metadata node"
+    assert all(n.meta["fxprune.op"] == "assertion" for n in asserts)
+    for g in prog.groups:
+        assert "op without channel semantics" not in (g.reason or ""), repr(g)
+    kinds, by_kind = _kinds(prog, model)
+    heads = by_kind.get("head", [])
+    assert heads and all(g.prunable and g.exact for g in heads), _describe(prog, kinds)
+    assert res.params_slim < res.params_full
+
+
+# model -> (parameter whose dim holds one row per head, that dim): attention that needs a per-head
+# bias or scale sliced with its head, einsum, a normalisation over the head width, or torchvision
+# Swin's fx-wrapped window attention (traced through by torch.export)
+HEAD_OWNED = {
+    "timm/levit_128s": ("attention_biases", 0),  # biases[:, idx] added to the scores
+    "timm/efficientformer_l1": ("attention_biases", 0),
+    "timm/swinv2_tiny_window8_256": ("logit_scale", 0),  # cosine attention: F.normalize(q), F.normalize(k)
+    "hf/t5_encoder": ("relative_attention_bias.weight", 1),  # position bias as SDPA's attn_mask
+    "tv/maxvit_t": ("relative_position_bias_table", 1),  # torch.einsum scores; table[idx] gathered on dim 0
+    "tv/swin_t": ("relative_position_bias_table", 1),
+    "tv/swin_v2_t": ("logit_scale", 0),
+}
+HEAD_FAST = {"timm/levit_128s", "timm/swinv2_tiny_window8_256", "hf/t5_encoder"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=n, marks=() if n in HEAD_FAST else pytest.mark.slow)
+                                  for n in HEAD_OWNED])
+def test_head_groups_own_their_bias(name):
+    """Every attention-head group is prunable and exact, owns its rows of the per-head bias or
+    scale, and removing heads shrinks the model (float64 equivalence)."""
+    model, inputs = sweep.MODELS[name].build_light()
+    res = check_equivalence(model, inputs, seed=0, frac=(0.3, 0.5), rtol=RTOL)
+    prog = res.prog
+    kinds, by_kind = _kinds(prog, model)
+    heads = by_kind.get("head", [])
+    assert heads, f"{name}: no attention-head group:\n{_describe(prog, kinds)}"
+    suffix, dim = HEAD_OWNED[name]
+    for g in heads:
+        assert g.prunable and g.exact, f"{name}: {g!r}"
+        owned = [s for s in g.slices if s.param.endswith(suffix) and s.dim == dim]
+        assert owned and all(set(s.channel.tolist()) == set(range(g.size)) for s in owned), (
+            f"{name}: not every head owns rows of {suffix}: {g!r}")
+    if name.startswith("tv/swin"):
+        assert sweep.frontend_of(prog) == "export"
+    assert res.params_slim < res.params_full

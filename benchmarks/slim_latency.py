@@ -1,0 +1,203 @@
+"""Latency of slim models against their full models, next to the FLOPs ratio.
+
+For each model: ``fxprune.compile`` at batch 1; then, for each sparsity ``s``, a random
+fraction ``s`` of the channels of every prunable exact group is zeroed
+(``fxprune.testing.random_masks`` with ``frac=(s, s)``: ``round(s * size)`` channels per group,
+at least one kept and one dropped; which channels go does not change the slim model's shape,
+so random channels time the same as the lowest-L2 ones), the slim model is built and verified
+(``prog.construct_subnet()``), its FLOPs are counted (``fxprune.report``, batch 1), and the
+weights are restored before the next sparsity.
+
+Latency: the full model (the user's ``nn.Module``, as deployed) and every slim model take one
+forward pass in turn per round (so that a change of machine load hits them alike), under
+``torch.inference_mode`` in eval mode, after ``--warmup`` untimed rounds; the table gives the
+median wall time over ``--repeats`` rounds, at each batch size (the JSON also holds the median
+process CPU time, all threads, which other processes on a shared machine disturb less). On CUDA the device is
+synchronised before and after every pass, and ``torch.backends.cudnn.benchmark`` is on (the
+warm-up rounds take its autotuning).
+
+Columns: speed-up = full ms / slim ms; FLOPs ratio = full FLOPs / slim FLOPs; realized =
+speed-up / FLOPs ratio, the share of the FLOPs reduction that shows as wall time (1 = all).
+
+Models and inputs: resnet18, resnet50, mobilenet_v2 and convnext_tiny at 3x224x224
+(``--side``), random weights (``_models.build``); vit_b_16 at the zoo's small input, 3x64x64
+(16 patches and the class token; built for that size, so ``--side`` does not apply). ConvNeXt's
+residual stream and ViT's are inexact (LayerNorm) and stay whole: only their MLP hidden
+channels (and ViT's heads, where exact) are pruned. torchvision's ViT runs
+``nn.MultiheadAttention``'s fused inference path; its slim model runs
+``fxprune.modules.PrunedMultiheadAttention``.
+
+Usage::
+
+    python benchmarks/slim_latency.py                    # CPU, all models, sparsity 0.3/0.5/0.7, batch 1 and 32
+    python benchmarks/slim_latency.py --quick            # resnet18 and mobilenet_v2, 0.5, 64x64, 3 rounds
+    python benchmarks/slim_latency.py --device cuda      # writes results/gpu/slim_latency.json
+    python benchmarks/slim_latency.py --models resnet50 --sparsities 0.5 --batches 1 --threads 2
+
+Prints a Markdown table and writes benchmarks/results/slim_latency.json (CPU) or
+benchmarks/results/gpu/slim_latency.json (CUDA), unless ``--out`` says otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+
+import fxprune  # noqa: E402
+from fxprune.testing import random_masks  # noqa: E402
+import _models  # noqa: E402
+from _timing import interleaved, load_average  # noqa: E402
+
+MODELS = ("resnet18", "resnet50", "mobilenet_v2", "convnext_tiny", "vit_b_16")
+QUICK_MODELS = ("resnet18", "mobilenet_v2")
+SPARSITIES = (0.3, 0.5, 0.7)
+BATCHES = (1, 32)
+
+
+def model_side(name: str, side: int) -> int:
+    """Input side of ``name``: ``side`` for a CNN; a transformer's own (it is built for it)."""
+    return _models.input_side(name) if _models.is_transformer(name) else side
+
+
+def slim_models(model: torch.nn.Module, x: torch.Tensor, sparsities, seed: int = 0) -> dict:
+    """``{sparsity: (slim GraphModule, fxprune.Report at x, channels zeroed)}`` for ``model``
+    (eval mode, on the CPU) at input ``x`` (1x3xHxW). ``model``'s weights are the same after
+    the call as before (each sparsity starts from them). Raises ``fxprune.FxPruneError`` when
+    compiling or building fails, ``fxprune.VerificationError`` when a slim model's output
+    differs from the zeroed full model's."""
+    prog = fxprune.compile(model, (x,))
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    out = {}
+    try:
+        for s in sparsities:
+            masks = random_masks(prog, seed, (s, s))
+            prog.zero_(masks)
+            slim = prog.construct_subnet().eval()
+            zeroed = int(sum((~m).sum() for m in masks.values()))
+            out[s] = (slim, fxprune.report(model, slim, (x,)), zeroed)
+            model.load_state_dict(saved)
+    finally:
+        model.load_state_dict(saved)
+    return out
+
+
+def measure(name: str, side: int, sparsities, batches, repeats: int, warmup: int,
+            device: torch.device) -> list:
+    """Rows of the table for one model (see the module docstring)."""
+    model = _models.build(name)
+    x = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0))
+    slims = slim_models(model, x, sparsities)
+    model.to(device)
+    for slim, _, _ in slims.values():
+        slim.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    rows = []
+    for batch in batches:
+        xb = torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(1)).to(device)
+        fns = {"full": lambda: model(xb)}
+        fns.update({s: (lambda m=slim: m(xb)) for s, (slim, _, _) in slims.items()})
+        with torch.inference_mode():
+            timing = interleaved(fns, repeats, warmup, sync)
+        full_ms, full_cpu = (statistics.median(timing["full"][k]) * 1e3 for k in ("wall_s", "cpu_s"))
+        for s, (_, rep, zeroed) in slims.items():
+            slim_ms, slim_cpu = (statistics.median(timing[s][k]) * 1e3 for k in ("wall_s", "cpu_s"))
+            speedup = full_ms / slim_ms
+            flops_ratio = rep.flops_full / rep.flops_slim
+            rows.append({
+                "model": name, "input": [3, side, side], "sparsity": s, "batch": batch,
+                "full_ms": round(full_ms, 3), "slim_ms": round(slim_ms, 3), "speedup": round(speedup, 3),
+                "flops_full": rep.flops_full, "flops_slim": rep.flops_slim, "flops_ratio": round(flops_ratio, 3),
+                "realized": round(speedup / flops_ratio, 3), "full_cpu_ms": round(full_cpu, 3),
+                "slim_cpu_ms": round(slim_cpu, 3), "params_full": rep.params_full,
+                "params_slim": rep.params_slim, "channels_zeroed": zeroed,
+            })
+        print(f"[{name} batch {batch}] full {full_ms:.1f} ms", file=sys.stderr, flush=True)
+    return rows
+
+
+def table(rows: list) -> str:
+    head = "| model | input | sparsity | batch | full ms | slim ms | speed-up | FLOPs full/slim | realized |"
+    out = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['model']} | | | | | | | | error: {r['error']} |")
+            continue
+        out.append(f"| {r['model']} | {'x'.join(map(str, r['input']))} | {r['sparsity']:.0%} | {r['batch']} | "
+                   f"{r['full_ms']:.2f} | {r['slim_ms']:.2f} | {r['speedup']:.2f}x | {r['flops_ratio']:.2f}x | "
+                   f"{r['realized']:.2f} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="*", default=None, help=f"default: {' '.join(MODELS)}")
+    ap.add_argument("--sparsities", nargs="*", type=float, default=None,
+                    help="fractions of every prunable exact group's channels to zero (default 0.3 0.5 0.7)")
+    ap.add_argument("--batches", nargs="*", type=int, default=list(BATCHES))
+    ap.add_argument("--side", type=int, default=None, help="CNN input side (default 224; 64 with --quick)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5 on CPU, 50 on CUDA)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 1 on CPU, 10 on CUDA)")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave as is)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--quick", action="store_true",
+                    help="resnet18 and mobilenet_v2, sparsity 0.5, 64x64, 3 rounds")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        if not torch.cuda.is_available():
+            ap.error("--device cuda, but torch sees no CUDA device")
+        torch.backends.cudnn.benchmark = True
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = args.models or list(QUICK_MODELS if args.quick else MODELS)
+    sparsities = args.sparsities or ([0.5] if args.quick else list(SPARSITIES))
+    side = args.side or (64 if args.quick else 224)
+    repeats = args.repeats or (3 if args.quick else 50 if cuda else 5)
+    warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
+    out_path = Path(args.out) if args.out else HERE / "results" / ("gpu" if cuda else "") / "slim_latency.json"
+
+    load_start = load_average()
+    rows = []
+    for name in models:
+        try:
+            rows += measure(name, model_side(name, side), sparsities, args.batches, repeats, warmup, device)
+        except Exception as exc:  # noqa: BLE001 - one failing model is reported, the others still run
+            rows.append({"model": name, "error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"})
+            print(f"[{name}] {rows[-1]['error']}", file=sys.stderr, flush=True)
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+
+    info = {
+        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
+        "python": platform.python_version(), "repeats": repeats, "warmup": warmup,
+        "cudnn_benchmark": cuda, "masks": "random_masks(prog, seed=0, frac=(s, s))",
+        "load_average_start": load_start, "load_average_end": load_average(),
+    }
+    print(f"{info['device']}, torch {torch.__version__}, {info['threads']} threads, median of {repeats} rounds "
+          f"after {warmup} warm-up; load average {load_start} at start, {info['load_average_end']} at end")
+    print()
+    print(table(rows))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    result = {"info": info, "rows": rows}
+    out_path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
