@@ -372,21 +372,14 @@ class DHSPG(torch.optim.Optimizer):
                 else:
                     p.add_(grad, alpha=-lr)
                 return None
+            g = grad.add(p, alpha=wd) if wd != 0.0 else grad
             buf = state.get("momentum_buffer")
-            if buf is None or group["nesterov"]:
-                g = grad.add(p, alpha=wd) if wd != 0.0 else grad
-                if buf is None:
-                    buf = torch.clone(g).detach() if g is grad else g
-                    state["momentum_buffer"] = buf
-                else:
-                    torch.add(g, buf, alpha=mom, out=buf)
-                d = g.add(buf, alpha=mom) if group["nesterov"] else buf
+            if buf is None:
+                buf = torch.clone(g).detach() if g is grad else g
+                state["momentum_buffer"] = buf
             else:
-                # buf <- mom * buf + grad + wd * x, in place: no parameter-sized temporary.
-                buf.mul_(mom).add_(grad)
-                if wd != 0.0:
-                    buf.add_(p, alpha=wd)
-                d = buf
+                torch.add(g, buf, alpha=mom, out=buf)
+            d = g.add(buf, alpha=mom) if group["nesterov"] else buf
             if not keep_d:
                 p.add_(d, alpha=-lr)
                 return None
