@@ -92,3 +92,32 @@ def tp_runner(tool: str) -> Callable[[Any, tuple], Dict[str, int]]:
 
 
 __all__ = ["interleaved", "load_average", "timed_runs", "tp_runner"]
+
+
+def run_info(device, load_start, **extra) -> Dict[str, Any]:
+    """The machine and settings a benchmark ran with: device name (CUDA device or CPU),
+    threads, CPUs, torch and Python versions, load average at start and now, plus ``extra``."""
+    import platform
+
+    import torch
+
+    cuda = getattr(device, "type", str(device)) == "cuda"
+    return {
+        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
+        "python": platform.python_version(), **extra,
+        "load_average_start": load_start, "load_average_end": load_average(),
+    }
+
+
+def print_and_save(header: str, table: str, info: Dict[str, Any], rows: List[dict], out_path) -> Dict[str, Any]:
+    """Print ``header`` and the Markdown ``table``; write ``{"info", "rows"}`` as JSON."""
+    import json
+
+    print(header)
+    print()
+    print(table)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    result = {"info": info, "rows": rows}
+    out_path.write_text(json.dumps(result, indent=2))
+    return result

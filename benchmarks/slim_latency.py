@@ -41,9 +41,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -57,7 +54,7 @@ import torch  # noqa: E402
 import fxprune  # noqa: E402
 from fxprune.testing import random_masks  # noqa: E402
 import _models  # noqa: E402
-from _timing import interleaved, load_average  # noqa: E402
+from _timing import interleaved, load_average, print_and_save, run_info  # noqa: E402
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "convnext_tiny", "vit_b_16")
 QUICK_MODELS = ("resnet18", "mobilenet_v2")
@@ -182,21 +179,11 @@ def main(argv=None) -> dict:
         if cuda:
             torch.cuda.empty_cache()
 
-    info = {
-        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
-        "python": platform.python_version(), "repeats": repeats, "warmup": warmup,
-        "cudnn_benchmark": cuda, "masks": "random_masks(prog, seed=0, frac=(s, s))",
-        "load_average_start": load_start, "load_average_end": load_average(),
-    }
-    print(f"{info['device']}, torch {torch.__version__}, {info['threads']} threads, median of {repeats} rounds "
-          f"after {warmup} warm-up; load average {load_start} at start, {info['load_average_end']} at end")
-    print()
-    print(table(rows))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    result = {"info": info, "rows": rows}
-    out_path.write_text(json.dumps(result, indent=2))
-    return result
+    info = run_info(device, load_start, repeats=repeats, warmup=warmup, cudnn_benchmark=cuda,
+                    masks="random_masks(prog, seed=0, frac=(s, s))")
+    header = (f"{info['device']}, torch {torch.__version__}, {info['threads']} threads, median of {repeats} "
+              f"rounds after {warmup} warm-up; load average {load_start} at start, {info['load_average_end']} at end")
+    return print_and_save(header, table(rows), info, rows, out_path)
 
 
 if __name__ == "__main__":

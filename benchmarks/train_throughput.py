@@ -29,9 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -45,7 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import fxprune  # noqa: E402
 from fxprune.models import build as build_model  # noqa: E402
-from _timing import interleaved, load_average  # noqa: E402
+from _timing import interleaved, load_average, print_and_save, run_info  # noqa: E402
 
 MODELS = ("resnet18", "resnet50")
 SIDE = 32
@@ -138,22 +135,12 @@ def main(argv=None) -> dict:
         rows += measure(name, batch, rounds, warmup, device)
         if cuda:
             torch.cuda.empty_cache()
-    info = {
-        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
-        "python": platform.python_version(), "input": [batch, 3, SIDE, SIDE], "rounds": rounds, "warmup": warmup,
-        "lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY,
-        "load_average_start": load_start, "load_average_end": load_average(),
-    }
-    print(f"{info['device']}, torch {torch.__version__}, {info['threads']} threads, input {batch}x3x{SIDE}x{SIDE}, "
-          f"median of {rounds} rounds after {warmup} warm-up; load average {load_start} at start, "
-          f"{info['load_average_end']} at end")
-    print()
-    print(table(rows))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    result = {"info": info, "rows": rows}
-    out_path.write_text(json.dumps(result, indent=2))
-    return result
+    info = run_info(device, load_start, input=[batch, 3, SIDE, SIDE], rounds=rounds, warmup=warmup,
+                    lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    header = (f"{info['device']}, torch {torch.__version__}, {info['threads']} threads, input {batch}x3x{SIDE}x{SIDE}, "
+              f"median of {rounds} rounds after {warmup} warm-up; load average {load_start} at start, "
+              f"{info['load_average_end']} at end")
+    return print_and_save(header, table(rows), info, rows, out_path)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from fxprune.errors import FxPruneError, describe_node
 
 from .channels import TensorChannels
+from .lookup import get_tensor
 
 GATES_ATTR = "fxprune_gates"
 GATE_MODULES = "fxprune_gate"
@@ -222,16 +223,6 @@ def _local_param_name(module: nn.Module, tensor: torch.Tensor) -> Optional[str]:
     return None
 
 
-def _resolve(gm: nn.Module, name: str) -> Optional[torch.Tensor]:
-    path, _, attr = name.rpartition(".")
-    try:
-        owner = gm.get_submodule(path) if path else gm
-    except AttributeError:
-        return None
-    t = getattr(owner, attr, None)
-    return t if isinstance(t, torch.Tensor) else None
-
-
 def insert_gates(source: Any) -> GatedGraphModule:
     """The gated training module of a program (``fxprune.Program`` or its analysed
     ``GraphModule``). Returns a :class:`GatedGraphModule` sharing the program's parameters."""
@@ -342,7 +333,7 @@ def insert_gates(source: Any) -> GatedGraphModule:
         module = gm.get_submodule(old.target)
         specs = []
         for (pname, d) in rest:
-            tensor = _resolve(gm, pname)
+            tensor = get_tensor(gm, pname)
             local = _local_param_name(module, tensor) if tensor is not None else None
             if local is None:
                 raise FxPruneError(f"{describe_node(old)}: cannot find parameter {pname!r} inside module "

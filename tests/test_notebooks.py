@@ -5,8 +5,8 @@ the trained one, sizes reduced, targets met) and prints them as one line ``resul
 These tests execute the notebooks with nbclient in a kernel of the running interpreter
 (``examples/execute.py``), with ``FXPRUNE_NOTEBOOK_SHORT=1`` (tiny data subsets, one epoch),
 and check that line; a cell that raises fails the test with its traceback. The erase/ATO
-notebook compiles and trains two super-networks (about two minutes on a loaded 2-core
-machine): slow tier.
+notebook compiles and trains two super-networks (about 80 s of CPU time), the longest test
+of the default tier.
 
 The stored notebooks are checked too: executed in full (no short setting), with no errors.
 """
@@ -77,7 +77,6 @@ def test_passes(run_short):
     assert vit["params_slim"] == norms + qkv + proj + fc1 + fc2
 
 
-@pytest.mark.slow
 def test_erase_and_ato(run_short):
     r = run_short("03_erase_and_ato.ipynb")
     assert r["short"] is True
