@@ -377,7 +377,14 @@ def _run(module: torch.nn.Module, inputs: Sequence) -> list:
 
 def max_output_difference(full: torch.nn.Module, slim: torch.nn.Module, inputs: Sequence):
     """``(max abs difference, max |full output|)`` over all output tensors, in eval mode."""
-    a, b = _run(full, inputs), _run(slim, inputs)
+    a = _run(full, inputs)
+    try:
+        b = _run(slim, inputs)
+    except Exception as e:  # noqa: BLE001 - any failure of the rewritten graph is reported alike
+        raise VerificationError(
+            f"the slim model fails on the example inputs ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:300]}); a constant of an op that depends on a channel "
+            f"count was not recomputed by the rewrite") from e
     if len(a) != len(b):
         raise VerificationError(f"the slim model returns {len(b)} tensors, the full model {len(a)}")
     diff, scale = 0.0, 0.0

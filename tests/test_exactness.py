@@ -526,3 +526,14 @@ def test_inexact_group_fails_verification():
     prog.zero_({g.id: keep})
     with pytest.raises(fxprune.VerificationError):
         prog.construct_subnet(verify=True)
+
+
+def test_slim_model_that_fails_to_run_raises_verification_error():
+    """A rewritten graph that raises when run (e.g. a channel-count constant left stale)
+    surfaces as fxprune.VerificationError from the check, not as a bare RuntimeError."""
+    from fxprune.program import max_output_difference
+
+    x = torch.randn(1, 3, 8, 8)
+    full, broken = torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(2, 4, 1)  # expects 2 channels
+    with pytest.raises(fxprune.VerificationError, match="fails on the example inputs"):
+        max_output_difference(full, broken, (x,))
