@@ -140,6 +140,11 @@ def _functional_conv(transposed: bool):
         groups = ctx.arg(6, "groups", 1)
         if not isinstance(w, TensorChannels) or not isinstance(groups, int):
             return ctx.unknown("convolution with a computed weight or group count")
+        if groups != 1:
+            # The prune rewrite does not recompute a functional conv's ``groups`` constant
+            # (blur pools pass ``groups=C`` with a fixed filter buffer): freeze, never guess.
+            return ctx.unknown(f"functional convolution with groups={groups} (its group count "
+                               f"is a constant the rewrite does not recompute)")
         bias = b.dims[0] if isinstance(b, TensorChannels) else None
         return conv_channels(ctx, x, w.dims[0], w.dims[1], bias, groups, transposed, ctx.out_shape)
 

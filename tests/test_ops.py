@@ -1683,3 +1683,32 @@ def test_zero_on_a_view():
         assert len(qkv) == 2, qkv  # q with k (contracted together), and v
         for g in qkv:
             assert_prunable(g, frontend)
+
+
+def test_functional_grouped_conv_with_a_buffer_filter_freezes():
+    """A blur pool (``F.conv2d(x, filt, groups=C)`` with a fixed filter buffer) keeps its
+    ``groups`` constant: the channels it touches are frozen with the reason, and the rest of
+    the model still prunes into a slim model that runs and matches."""
+    import fxprune
+    from fxprune.testing import check_equivalence
+
+    class BlurNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Conv2d(8, 6, 3, padding=1)
+            self.register_buffer("filt", torch.ones(6, 1, 3, 3) / 9)
+            self.head = nn.Linear(6, 4)
+
+        def forward(self, x):
+            y = F.conv2d(self.b(torch.relu(self.a(x))), self.filt, padding=1, groups=6)
+            return self.head(y.mean((2, 3)))
+
+    model = BlurNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    prog = fxprune.compile(model, (x,))
+    blurred = [g for g in prog.groups if any(s.param == "b.weight" for s in g.slices)]
+    assert blurred and not blurred[0].prunable
+    assert "groups=6" in blurred[0].reason and "conv2d" in blurred[0].reason
+    assert any(g.prunable and any(s.param == "a.weight" for s in g.slices) for g in prog.groups)
+    check_equivalence(model, (x,), dtype=torch.float64)
