@@ -5,12 +5,12 @@ checks run in a few minutes on a laptop CPU.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import re
 from typing import Callable, Iterable, List, Optional, Sequence
 
+import networkx as nx
 import torch
 import torch.fx
 import torch.nn as nn
@@ -65,28 +65,21 @@ def out_shapes(out) -> List[tuple]:
     return [tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in leaves]
 
 
+def inputs_reaching_output(gm: torch.fx.GraphModule) -> set:
+    """Names of the graph's placeholders from which its output node is reachable."""
+    g = nx.DiGraph()
+    for n in gm.graph.nodes:
+        g.add_node(n.name)
+        g.add_edges_from((i.name, n.name) for i in n.all_input_nodes)
+    out = next(n.name for n in gm.graph.nodes if n.op == "output")
+    return {n.name for n in gm.graph.nodes if n.op == "placeholder" and nx.has_path(g, n.name, out)}
+
+
 def group_summary(prog) -> str:
     return "\n".join(repr(g) for g in prog.groups)
 
 
-@contextlib.contextmanager
-def one_thread():
-    """Run tiny models on one intra-op thread: on a loaded 2-core machine the thread pool's
-    hand-off costs ~1000x the work of a 2x8x8x8 convolution."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def equiv(*args, **kwargs):
-    with one_thread():
-        return _equiv(*args, **kwargs)
-
-
-def _equiv(
+def equiv(
     model: nn.Module,
     inputs: Sequence,
     *,

@@ -20,14 +20,6 @@ import fxprune
 from fxprune.ato import ATO, PAPER_SCHEDULE, ATOController, flops_regularizer, held_out_split
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def small_convnet(in_ch=1, classes=10):
     return nn.Sequential(
         nn.Conv2d(in_ch, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),

@@ -26,14 +26,6 @@ from fxprune.testing import random_masks
 import models_zoo_small as Z
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def vgg_ish(num_classes=10):
     cfg = [16, 16, "M", 32, 32, "M", 64, 64, "M"]
     layers, c = [], 3

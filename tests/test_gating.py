@@ -24,14 +24,6 @@ from fxprune.testing import random_masks
 import models_zoo_small as Z
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 class ConvNet(nn.Module):
     """Residual add, concat, depthwise conv, bias convs and a Linear head."""
 

@@ -13,7 +13,6 @@ import copy
 import math
 from typing import List
 
-import networkx as nx
 import pytest
 import torch
 import torch.nn as nn
@@ -24,18 +23,11 @@ from hypothesis import strategies as st
 
 import fxprune
 import fxprune.optim.h2spg as h2spg_mod
+from models_zoo_small import inputs_reaching_output
 from fxprune.optim.h2spg import select_units, unit_saliency
 from fxprune.program import max_output_difference
 from fxprune.supernet import DartsSupernet
 from fxprune.testing import randomize_norms
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,16 +113,6 @@ def _inputs(seed: int = 0):
             torch.randn(1, 3, 6, 6, generator=g, dtype=torch.float64))
 
 
-def _reaching(gm: torch.fx.GraphModule) -> set:
-    """The inputs of a graph that reach its output."""
-    g = nx.DiGraph()
-    for n in gm.graph.nodes:
-        g.add_node(n.name)
-        g.add_edges_from((i.name, n.name) for i in n.all_input_nodes)
-    out = next(n.name for n in gm.graph.nodes if n.op == "output")
-    return {n.name for n in gm.graph.nodes if n.op == "placeholder" and nx.has_path(g, n.name, out)}
-
-
 def _check_erasure(prog, chosen: List[int]) -> None:
     """Independent of the planner: zero ``chosen``, construct, compare, check connectivity."""
     saved = {k: v.clone() for k, v in prog.module.state_dict().items()}
@@ -142,7 +124,7 @@ def _check_erasure(prog, chosen: List[int]) -> None:
         assert not removed & {n.name for n in slim.graph.nodes}, "a chosen operator was not erased"
         diff, scale = max_output_difference(prog.module, slim, prog.example_inputs)
         assert diff <= 1e-6 * max(scale, 1e-12), f"slim differs: {diff:.3e}"
-        assert _reaching(slim) == _reaching(prog.module), "an input no longer reaches the output"
+        assert inputs_reaching_output(slim) == inputs_reaching_output(prog.module), "an input no longer reaches the output"
     finally:
         prog.module.load_state_dict(saved)
 

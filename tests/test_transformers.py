@@ -52,15 +52,6 @@ PARAMS = [pytest.param(name, id=name, marks=() if spec.fast else pytest.mark.slo
 RESIDUAL = [p for p in PARAMS if sweep.MODELS[p.values[0]].residual]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models on a shared CPU: one intra-op thread is faster than an oversubscribed pool."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _kinds(prog, model):
     kinds = sweep.classify(prog, model)
     by_kind = {}

@@ -632,12 +632,15 @@ class DHSPG(torch.optim.Optimizer):
                         cache.append((e.param, e.dim, r))
             self._zero_rows_cache = cache
         for p, dim, r in self._zero_rows_cache:
-            p.index_fill_(dim, r, 0)
-            st = self.state.get(p)
-            if st:
-                for v in st.values():
-                    if torch.is_tensor(v) and v.shape == p.shape:
-                        v.index_fill_(dim, r, 0)
+            self._zero_param_rows(p, dim, r)
+
+    def _zero_param_rows(self, p: torch.Tensor, dim: int, rows: torch.Tensor) -> None:
+        """Set ``rows`` along ``dim`` of ``p`` and of its parameter-shaped optimizer state
+        (momentum buffer, Adam moments) to exactly 0."""
+        p.index_fill_(dim, rows, 0)
+        for v in self.state.get(p, {}).values():
+            if torch.is_tensor(v) and v.shape == p.shape:
+                v.index_fill_(dim, rows, 0)
 
     # ------------------------------------------------------------------ reporting
     @torch.no_grad()

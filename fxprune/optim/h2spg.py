@@ -248,12 +248,7 @@ class H2SPG(DHSPG):
             return
         for u in self.erased():
             for p, dim, rows in self._shared.get(u, ()):
-                p.index_fill_(dim, rows, 0)
-                st = self.state.get(p)
-                if st:
-                    for v in st.values():
-                        if torch.is_tensor(v) and v.shape == p.shape:
-                            v.index_fill_(dim, rows, 0)
+                self._zero_param_rows(p, dim, rows)
 
     # ------------------------------------------------------------------ reporting
     @torch.no_grad()
