@@ -77,7 +77,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, mode: Union[str, Seq
             be pruned; their slim model then differs from the full one.
         frontend: ``"fx"`` (symbolic tracing: module-level graph, readable code), ``"export"``
             (``torch.export``, ATen-level graph) or ``"auto"``: symbolic tracing, and
-            ``torch.export`` when tracing fails.
+            ``torch.export`` when tracing fails or has to keep modules opaque that the
+            registry does not know (timm's non-traceable modules).
         pipeline: a :class:`fxprune.passes.Pipeline` to run instead of the default.
 
     Returns:
@@ -145,15 +146,32 @@ def _front_end(model, inputs, frontend: str, **trace_kwargs) -> torch.fx.GraphMo
         if type(model).__module__.startswith("timm."):
             tracer = timm_tracer(trace_kwargs.get("leaf_modules", ()))
             try:
-                return trace(model, concrete_args=trace_kwargs.get("concrete_args"), tracer=tracer)
+                gm = trace(model, concrete_args=trace_kwargs.get("concrete_args"), tracer=tracer)
             except TraceError:
                 pass
+            else:
+                # timm's non-traceable modules stay opaque and freeze their channels; the ATen
+                # graph of torch.export sees inside them, so it is preferred when it works
+                if frontend == "fx" or not _opaque_leaves(gm):
+                    return gm
+                try:
+                    return export(model, inputs)
+                except TraceError:
+                    return gm
         if frontend == "fx":
             raise
         try:
             return export(model, inputs)
         except TraceError as export_error:
             raise TraceError(f"{fx_error}\n\nThe torch.export front end failed too: {export_error}") from fx_error
+
+
+def _opaque_leaves(gm: torch.fx.GraphModule) -> list:
+    """``call_module`` nodes whose module the op-semantics registry does not know."""
+    from fxprune.passes.registry import REGISTRY
+
+    return [n for n in gm.graph.nodes
+            if n.op == "call_module" and REGISTRY.lookup(n, gm.get_submodule(n.target)) is None]
 
 
 class Program:

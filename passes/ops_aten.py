@@ -15,9 +15,10 @@ import torch.nn.functional as F
 
 from . import ops_attention, ops_einsum  # noqa: F401  (entries aliased below)
 from .channels import ZERO, TensorChannels, Track, norm_dim, state_const_map
-from .ops_nn import _dim0, conv_channels, embedding_channels, functional_norm_channels, layernorm_channels
+from .ops_nn import (_dim0, conv_channels, embedding_channels, functional_norm_channels, layernorm_channels,
+                     rewrite_conv_groups_arg)
 from .ops_tensor import _pieces, elementwise_channels, index_channels, matmul_channels
-from .registry import REGISTRY, register_function
+from .registry import REGISTRY, OpSpec, register_function
 
 aten = torch.ops.aten
 
@@ -47,7 +48,7 @@ ALIASES = {
     F.layer_norm: [aten.layer_norm.default], F.group_norm: [aten.group_norm.default],
     F.scaled_dot_product_attention: [aten.scaled_dot_product_attention.default],
     F.softmax: [aten.softmax.int, aten._softmax.default], F.log_softmax: [aten.log_softmax.int, aten._log_softmax.default],
-    torch.relu: [aten.relu.default, aten.relu_.default], F.gelu: [aten.gelu.default], F.silu: [aten.silu.default],
+    torch.relu: [aten.relu.default], F.gelu: [aten.gelu.default], F.silu: [aten.silu.default],
     torch.tanh: [aten.tanh.default], F.hardswish: [aten.hardswish.default], F.hardtanh: [aten.hardtanh.default],
     F.leaky_relu: [aten.leaky_relu.default], F.elu: [aten.elu.default], F.mish: [aten.mish.default],
     torch.sigmoid: [aten.sigmoid.default], F.hardsigmoid: [aten.hardsigmoid.default], torch.exp: [aten.exp.default],
@@ -68,10 +69,36 @@ ALIASES = {
         aten.new_full, ["default"]) + _overloads(aten.new_empty, ["default"]),
 }
 
+# in-place activations (``inplace=True`` modules export as these) -> their out-of-place op
+IN_PLACE = {aten.relu.default: "relu_", aten.gelu.default: "gelu_", aten.silu.default: "silu_",
+            aten.tanh.default: "tanh_", aten.hardswish.default: "hardswish_", aten.hardtanh.default: "hardtanh_",
+            aten.leaky_relu.default: "leaky_relu_", aten.elu.default: "elu_", aten.mish.default: "mish_",
+            aten.sigmoid.default: "sigmoid_", aten.hardsigmoid.default: "hardsigmoid_"}
+
 for _fn, _overloads_list in ALIASES.items():
     _spec = REGISTRY.methods[_fn] if isinstance(_fn, str) else REGISTRY.functions[_fn]
     for _ov in _overloads_list:
         REGISTRY.functions[_ov] = _spec
+
+
+def _in_place(spec: OpSpec) -> OpSpec:
+    """An in-place op has its out-of-place op's channels, provided nothing else reads the tensor
+    it mutates: another reader would see the new values while its tracks record the old state
+    (a sigmoid turns a zeroed channel into 0.5)."""
+
+    def rule(ctx):
+        x = ctx.arg(0)
+        others = [u for u in getattr(x, "users", ()) if u is not ctx.node]
+        if others:
+            return ctx.unknown(f"in-place op on a tensor that '{others[0].name}' also reads")
+        return spec.rule(ctx)
+
+    return OpSpec(spec.name + "_", rule, spec.rewrite, spec.selects)
+
+
+for _op, _name in IN_PLACE.items():
+    if hasattr(aten, _name) and _op in REGISTRY.functions:
+        REGISTRY.functions[getattr(aten, _name).default] = _in_place(REGISTRY.functions[_op])
 
 
 def _tc(ctx, v):
@@ -94,15 +121,14 @@ def _embedding(ctx):
     return embedding_channels(ctx, _tc(ctx, ctx.arg(0, "weight")), _tc(ctx, ctx.arg(1, "indices")))
 
 
-@register_function(aten.convolution.default, name="conv")
+@register_function(aten.convolution.default, name="conv", rewrite=rewrite_conv_groups_arg(8))
 def _convolution(ctx):
     x, w = _tc(ctx, ctx.arg(0)), _tc(ctx, ctx.arg(1))
     b = _tc(ctx, ctx.arg(2))
     transposed, groups = ctx.arg(6), ctx.arg(8)
     if x is None or w is None or not isinstance(groups, int):
         return ctx.unknown("convolution with a computed weight or group count")
-    return conv_channels(ctx, x, w.dims[0], w.dims[1], b.dims[0] if b is not None else None, groups, bool(transposed),
-                         ctx.out_shape)
+    return conv_channels(ctx, x, w, b.dims[0] if b is not None else None, groups, bool(transposed), ctx.out_shape)
 
 
 @register_function(aten.addmm.default, name="addmm")

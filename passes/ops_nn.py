@@ -10,7 +10,7 @@ channel becomes after the op (``relu(0) = 0``; ``sigmoid(0) = 0.5``). Each modul
 from __future__ import annotations
 
 import operator
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -55,20 +55,35 @@ def _size_attrs(module: nn.Module, **attrs) -> None:
 # ============================================================================ convolution
 
 
-def conv_channels(ctx, x: TensorChannels, w0: Optional[Track], w1: Optional[Track], bias: Optional[Track],
-                  groups: int, transposed: bool, out_shape) -> TensorChannels:
-    """Channels of a (transposed) convolution over ``x`` (channel dim 1).
+def conv_channel_dim(x_ndim: int, weight_ndim: int) -> int:
+    """Channel dim of a convolution's input and output: 1 when batched (N, C, *spatial), 0 for an
+    unbatched input (C, *spatial), whose rank is one less than the weight's."""
+    return 0 if x_ndim == weight_ndim - 1 else 1
 
-    ``w0``/``w1`` are the tracks of the weight's dims 0 and 1. For ``groups == 1`` the output
+
+def conv_channels(ctx, x: TensorChannels, weight: Union[TensorChannels, Tuple[Optional[Track], Optional[Track], int]],
+                  bias: Optional[Track], groups: int, transposed: bool, out_shape) -> TensorChannels:
+    """Channels of a (transposed) convolution over ``x`` (channel dim 1, or 0 when unbatched).
+
+    ``weight`` is the weight tensor's channels (a functional or ATen convolution: its kernel
+    dims are marked as holding no channels), or ``(w0, w1, ndim)``: the tracks of a module
+    weight's dims 0 and 1 and its rank. For ``groups == 1`` the output
     channels are the weight's output dim (producer) and the input channels its input dim
     (consumer). For grouped convolutions (depthwise included) channels are removed in whole
     groups: every input and output channel of a conv group is one element, so the slim conv
-    keeps its per-group widths and has fewer groups.
+    keeps its per-group widths and has fewer groups (:func:`new_conv_groups`).
     """
+    if isinstance(weight, TensorChannels):
+        w0, w1, weight_ndim = weight.dims[0], weight.dims[1], weight.ndim
+        for t in weight.dims[2:]:
+            ctx.not_channels(t)
+    else:
+        w0, w1, weight_ndim = weight
     out_w, in_w = (w1, w0) if transposed else (w0, w1)
-    c_in = x.shape[1]
-    c_out = out_shape[1]
-    xin = x.dims[1]
+    cd = conv_channel_dim(x.ndim, weight_ndim)
+    c_in = x.shape[cd]
+    c_out = out_shape[cd]
+    xin = x.dims[cd]
     if groups == 1:
         ctx.consume(xin, in_w, f"the input channels of {ctx.node.name}")
         out = Track(out_w.units, np.full(c_out, ZERO, np.int8)) if out_w is not None else None
@@ -99,10 +114,21 @@ def conv_channels(ctx, x: TensorChannels, w0: Optional[Track], w1: Optional[Trac
             ctx.pin(bias, "bias of a conv whose output carries no channels")
         else:
             ctx.unify(out, bias)
-    dims = [x.dims[0] if x.ndim == len(out_shape) else None, out] + [None] * (len(out_shape) - 2)
-    if x.ndim != len(out_shape):  # unbatched input (C, L)
-        dims = [out] + [None] * (len(out_shape) - 1)
+    dims = [None] * len(out_shape)
+    dims[cd] = out
+    if cd == 1:
+        dims[0] = x.dims[0]
     return TensorChannels(tuple(out_shape), dims)
+
+
+def new_conv_groups(rctx, x_node, groups: int, weight_ndim: int) -> int:
+    """``groups`` of a slim convolution: the per-group input width is kept, so the group count
+    is the new input width over it (1 stays 1)."""
+    if groups == 1:
+        return 1
+    x = rctx.ch(x_node)
+    cd = conv_channel_dim(x.ndim, weight_ndim)
+    return rctx.new_shape(x)[cd] // (x.shape[cd] // groups)
 
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -113,13 +139,10 @@ def _rewrite_conv(rctx) -> None:
     m = rctx.module
     w = m.weight
     transposed = isinstance(m, _CONV_TS)
-    x = rctx.ch(rctx.node.args[0])
-    new_in = rctx.new_shape(x)[1]
-    old_in, old_groups = m.in_channels, m.groups
-    per_in = old_in // old_groups
-    groups = new_in // per_in if old_groups > 1 else 1
+    groups = new_conv_groups(rctx, rctx.node.args[0], m.groups, w.ndim)
+    in_channels = w.shape[0] if transposed else w.shape[1] * groups
     out_channels = w.shape[1] * groups if transposed else w.shape[0]
-    _size_attrs(m, in_channels=new_in, out_channels=out_channels, groups=groups)
+    _size_attrs(m, in_channels=in_channels, out_channels=out_channels, groups=groups)
 
 
 @register_module(*_CONVS, *_CONV_TS, name="conv", rewrite=_rewrite_conv)
@@ -129,7 +152,7 @@ def _conv_module(ctx):
     w0 = ctx.param("weight", 0, "in" if transposed else "out")
     w1 = ctx.param("weight", 1, "out" if transposed else "in")
     bias = ctx.param("bias", 0, "out")
-    return conv_channels(ctx, _x(ctx), w0, w1, bias, m.groups, transposed, ctx.out_shape)
+    return conv_channels(ctx, _x(ctx), (w0, w1, m.weight.ndim), bias, m.groups, transposed, ctx.out_shape)
 
 
 def _functional_conv(transposed: bool):
@@ -140,20 +163,29 @@ def _functional_conv(transposed: bool):
         groups = ctx.arg(6, "groups", 1)
         if not isinstance(w, TensorChannels) or not isinstance(groups, int):
             return ctx.unknown("convolution with a computed weight or group count")
-        if groups != 1:
-            # The prune rewrite does not recompute a functional conv's ``groups`` constant
-            # (blur pools pass ``groups=C`` with a fixed filter buffer): freeze, never guess.
-            return ctx.unknown(f"functional convolution with groups={groups} (its group count "
-                               f"is a constant the rewrite does not recompute)")
         bias = b.dims[0] if isinstance(b, TensorChannels) else None
-        return conv_channels(ctx, x, w.dims[0], w.dims[1], bias, groups, transposed, ctx.out_shape)
+        return conv_channels(ctx, x, w, bias, groups, transposed, ctx.out_shape)
 
     return rule
 
 
-register_function(F.conv1d, F.conv2d, F.conv3d, name="conv")(_functional_conv(False))
-register_function(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, name="conv_transpose")(
-    _functional_conv(True))
+def rewrite_conv_groups_arg(index: int):
+    """Rewrite of a functional convolution: its ``groups`` argument (position ``index``) is
+    recomputed from the slim input width (depthwise blur filters, ATen ``convolution``)."""
+
+    def rewrite(rctx) -> None:
+        groups = rctx.arg(index, "groups", 1)
+        if groups != 1:
+            weight = rctx.ch(rctx.node.args[1])
+            rctx.set_arg(index, "groups", new_conv_groups(rctx, rctx.node.args[0], groups, weight.ndim))
+
+    return rewrite
+
+
+register_function(F.conv1d, F.conv2d, F.conv3d, name="conv", rewrite=rewrite_conv_groups_arg(6))(
+    _functional_conv(False))
+register_function(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, name="conv_transpose",
+                  rewrite=rewrite_conv_groups_arg(7))(_functional_conv(True))
 
 # ============================================================================ linear / embedding
 

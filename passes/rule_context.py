@@ -145,6 +145,19 @@ class RuleContext:
             self.touched.append(track.units)
             self.analysis.inexact.append((track.units.copy(), f"{reason} ({self.where()})"))
 
+    def not_channels(self, track: Optional[Track]) -> None:
+        """A parameter dimension that holds no channels (a convolution kernel's taps, read as a
+        ``get_attr`` tensor): it forms no group and is never sliced."""
+        if track is None:
+            return
+        self.touched.append(track.units)
+        if track.source is not None:
+            info = self.analysis.params[track.source]
+            if info.default_role:
+                info.roles.clear()
+                info.default_role = False
+            info.roles.add("kernel")
+
     def pin_all(self, value: Any, reason: str) -> None:
         for tc in _flatten_tc(value):
             for t in tc.dims:

@@ -1685,10 +1685,10 @@ def test_zero_on_a_view():
             assert_prunable(g, frontend)
 
 
-def test_functional_grouped_conv_with_a_buffer_filter_freezes():
-    """A blur pool (``F.conv2d(x, filt, groups=C)`` with a fixed filter buffer) keeps its
-    ``groups`` constant: the channels it touches are frozen with the reason, and the rest of
-    the model still prunes into a slim model that runs and matches."""
+def test_functional_grouped_conv_with_a_buffer_filter_prunes():
+    """A blur pool (``F.conv2d(x, filt, groups=C)`` with a fixed filter buffer): its channels
+    are one group with the producing conv, the buffer is sliced with them and the ``groups``
+    constant is recomputed, so the slim model matches."""
     import fxprune
     from fxprune.testing import check_equivalence
 
@@ -1697,7 +1697,7 @@ def test_functional_grouped_conv_with_a_buffer_filter_freezes():
             super().__init__()
             self.a = nn.Conv2d(3, 8, 3, padding=1)
             self.b = nn.Conv2d(8, 6, 3, padding=1)
-            self.register_buffer("filt", torch.ones(6, 1, 3, 3) / 9)
+            self.register_buffer("filt", torch.rand(6, 1, 3, 3))
             self.head = nn.Linear(6, 4)
 
         def forward(self, x):
@@ -1708,7 +1708,73 @@ def test_functional_grouped_conv_with_a_buffer_filter_freezes():
     x = torch.randn(2, 3, 8, 8)
     prog = fxprune.compile(model, (x,))
     blurred = [g for g in prog.groups if any(s.param == "b.weight" for s in g.slices)]
-    assert blurred and not blurred[0].prunable
-    assert "groups=6" in blurred[0].reason and "conv2d" in blurred[0].reason
-    assert any(g.prunable and any(s.param == "a.weight" for s in g.slices) for g in prog.groups)
-    check_equivalence(model, (x,), dtype=torch.float64)
+    assert len(blurred) == 1 and blurred[0].prunable and blurred[0].exact and blurred[0].size == 6
+    assert {s.param for s in blurred[0].slices + blurred[0].dependents} >= {"b.weight", "b.bias", "filt",
+                                                                           "head.weight"}
+    assert not any(len(g.slices) == 1 and g.slices[0].param == "filt" and g.size == 3 for g in prog.groups), \
+        "the filter's kernel taps are not channels"
+    res = check_equivalence(model, (x,), dtype=torch.float64)
+    conv = [n for n in res.slim.graph.nodes if n.target is F.conv2d][0]
+    kept = res.slim.get_buffer("filt").shape[0]
+    assert kept < 6 and (conv.kwargs.get("groups") or conv.args[6]) == kept
+
+
+def test_unbatched_conv1d():
+    """An unbatched input (C, L): channels are dim 0, not dim 1."""
+    from fxprune.testing import check_equivalence
+
+    class Unbatched(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv1d(4, 10, 3, padding=1)
+            self.dw = nn.Conv1d(10, 10, 3, padding=1, groups=10)
+            self.b = nn.Conv1d(10, 3, 1)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.dw(torch.relu(self.a(x)))))
+
+    res = check_equivalence(Unbatched().eval(), (torch.randn(4, 7),), dtype=torch.float64)
+    assert res.params_slim < res.params_full
+    assert res.slim.dw.groups == res.slim.dw.in_channels < 10
+
+
+def test_export_prunes_depthwise_convs_and_in_place_activations():
+    """Through torch.export every conv is an ATen call: depthwise convs (``groups`` recomputed)
+    and in-place ReLU6 (``hardtanh_``) prune like their modules do under symbolic tracing."""
+    import torchvision
+
+    import fxprune
+    from fxprune.testing import check_equivalence
+
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(width_mult=0.25).eval()
+    x = torch.randn(1, 3, 32, 32)
+    fx_prog = fxprune.compile(model, (x,), frontend="fx")
+    ex_prog = fxprune.compile(model, (x,), frontend="export")
+    assert any(n.target is torch.ops.aten.hardtanh_.default for n in ex_prog.module.graph.nodes)
+    count = lambda p: (sum(g.prunable for g in p.groups), sum(g.size for g in p.groups if g.prunable))
+    assert count(ex_prog) == count(fx_prog)
+    assert all(g.size > 3 or g.prunable for g in ex_prog.groups), "kernel taps form no group"
+    res = check_equivalence(model, (x,), dtype=torch.float64, frontend="export")
+    assert res.params_slim < 0.8 * res.params_full
+
+
+def test_in_place_activation_on_a_shared_tensor_freezes():
+    """``sigmoid_`` on a tensor something else also reads turns its zeroed channels into 0.5
+    behind that reader's back: the channels freeze instead."""
+    import fxprune
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 6, 1)
+            self.b = nn.Conv2d(6, 2, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            z = self.b(y)
+            return z + torch.ops.aten.sigmoid_.default(y).sum()
+
+    prog = fxprune.compile(Shared().eval(), (torch.randn(1, 3, 4, 4),), frontend="fx")
+    g = [g for g in prog.groups if any(s.param == "a.weight" for s in g.slices)][0]
+    assert not g.prunable and "in-place" in g.reason
