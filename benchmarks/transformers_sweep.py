@@ -435,6 +435,10 @@ def analyse(name: str, *, inexact: bool = True, seed: int = 0) -> dict:
     rec["params_full"], rec["params_slim"] = pf, ps
     rec["params_cut"] = 1 - ps / pf
     rec["half_rel_diff"] = diff / scale if scale else diff
+    if rec["model"].startswith("hf/"):
+        hf = fxprune.hf_config(full, slim)
+        rec["hf_config"] = {"homogeneous": hf.homogeneous, "changed": {k: list(v) for k, v in hf.changed.items()},
+                            "explain": hf.explain()}
     del p50, slim, full
     gc.collect()
 
@@ -563,6 +567,18 @@ def markdown(records: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def hf_config_table(records: List[dict]) -> str:
+    lines = ["| model | config written | fields changed | why not |", "|---|---|---|---|"]
+    for r in records:
+        hf = r.get("hf_config")
+        if hf is None:
+            continue
+        changed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in hf["changed"].items())
+        why = "" if hf["homogeneous"] else _short(hf["explain"], 160)
+        lines.append(f"| {r['model']} | {'yes' if hf['homogeneous'] else 'no'} | {changed} | {why} |")
+    return "\n".join(lines)
+
+
 def _ratio(r: dict, key: str) -> str:
     if key not in r:
         return ""
@@ -666,7 +682,10 @@ def write_markdown(records: List[dict], env: dict, path: Path) -> str:
           "half of every inexact residual group zeroed as well, slim vs zeroed full (measured, not expected "
           "to be zero); *verdict*: exact (some group is prunable and exact, and the check passes), inexact "
           "(only inexact groups), frozen (nothing prunable), error.", "", table, "",
-          "## Why groups are frozen or inexact", "", reason_table(records), ""]
+          "## Why groups are frozen or inexact", "", reason_table(records), "",
+          "## HuggingFace configs after the 50% cut", "",
+          "`fxprune.hf_config(model, slim)`: the config whose class rebuilds every slim parameter shape "
+          "(written with `.save(directory)`), or why none does.", "", hf_config_table(records), ""]
     path.write_text("\n".join(md))
     return table
 

@@ -19,13 +19,14 @@ from .report import Report, report
 # Imported eagerly (it needs only torch): a lazy attribute named like its submodule would be
 # shadowed by the submodule once anything imported fxprune.export.
 from .export import ExportResult, export
+from .hf_config import HFConfig, hf_config
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "Erasable", "ExportError", "ExportResult", "FxPruneError", "Group", "Program", "Report", "RewriteError", "Slice", "TraceError",
     "UnsupportedInputError", "VerificationError", "compile", "export", "report", "DHSPG", "H2SPG", "load", "save",
-    "ATO",
+    "ATO", "HFConfig", "hf_config",
 ]
 
 

@@ -325,9 +325,9 @@ class Program:
         if "erase" in self.modes:
             from fxprune.passes.erase_rewrite import erase_rewrite
 
-            slim = erase_rewrite(self.module, self._erase_set(), keep)
+            slim = erase_rewrite(self.module, self._erase_set(), keep, self.example_inputs)
         else:
-            slim = prune_rewrite(self.module, keep)
+            slim = prune_rewrite(self.module, keep, self.example_inputs)
         slim.train(self.module.training)
         if verify:
             diff, scale = max_output_difference(self.module, slim, self.example_inputs)

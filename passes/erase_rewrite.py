@@ -16,7 +16,7 @@ Given the ids of erasable units (``gm.meta["fxprune.erasables"]``, see
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -78,7 +78,8 @@ def apply_plan(gm: torch.fx.GraphModule, plan: ErasePlan) -> None:
 
 
 def erase_rewrite(gm: torch.fx.GraphModule, erasables: Iterable[int],
-                  keep: Optional[Mapping[int, np.ndarray]] = None) -> torch.fx.GraphModule:
+                  keep: Optional[Mapping[int, np.ndarray]] = None,
+                  example_inputs: Optional[Sequence] = None) -> torch.fx.GraphModule:
     """Slim copy of ``gm`` (analysed with mode ``"erase"``) without the erasable units
     ``erasables`` (and the units they contain), optionally also pruning channels: ``keep[g]``
     is a bool keep-mask of group ``g``, as for :func:`~fxprune.passes.prune_rewrite`.
@@ -96,7 +97,7 @@ def erase_rewrite(gm: torch.fx.GraphModule, erasables: Iterable[int],
     masks = erase_keep(gm, plan, keep)
     work = copy_graph_module(gm)
     apply_plan(work, plan)
-    slim = prune_rewrite(work, masks)
+    slim = prune_rewrite(work, masks, example_inputs)
     for key in (META_ERASABLES, META_REJECTED):
         slim.meta.pop(key, None)
     slim.delete_all_unused_submodules()

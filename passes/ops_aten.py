@@ -128,7 +128,8 @@ def _convolution(ctx):
     transposed, groups = ctx.arg(6), ctx.arg(8)
     if x is None or w is None or not isinstance(groups, int):
         return ctx.unknown("convolution with a computed weight or group count")
-    return conv_channels(ctx, x, w, b.dims[0] if b is not None else None, groups, bool(transposed), ctx.out_shape)
+    return conv_channels(ctx, x, w, b.dims[0] if b is not None else None, groups, bool(transposed), ctx.out_shape,
+                         ctx.arg(4))
 
 
 @register_function(aten.addmm.default, name="addmm")

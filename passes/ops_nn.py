@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .channels import ZERO, TensorChannels, Track, norm_dim, state_const_map, state_mul
+from .channels import ANY, CONST, ZERO, TensorChannels, Track, norm_dim, state_const_map, state_mul
 from .registry import REGISTRY, register_function, register_method, register_module
 from .trace import training_dependent_modules
 
@@ -62,12 +62,13 @@ def conv_channel_dim(x_ndim: int, weight_ndim: int) -> int:
 
 
 def conv_channels(ctx, x: TensorChannels, weight: Union[TensorChannels, Tuple[Optional[Track], Optional[Track], int]],
-                  bias: Optional[Track], groups: int, transposed: bool, out_shape) -> TensorChannels:
+                  bias: Optional[Track], groups: int, transposed: bool, out_shape, padding=0) -> TensorChannels:
     """Channels of a (transposed) convolution over ``x`` (channel dim 1, or 0 when unbatched).
 
     ``weight`` is the weight tensor's channels (a functional or ATen convolution: its kernel
     dims are marked as holding no channels), or ``(w0, w1, ndim)``: the tracks of a module
-    weight's dims 0 and 1 and its rank. For ``groups == 1`` the output
+    weight's dims 0 and 1 and its rank; ``padding`` its padding argument (constant input
+    channels fold into the bias only without padding). For ``groups == 1`` the output
     channels are the weight's output dim (producer) and the input channels its input dim
     (consumer). For grouped convolutions (depthwise included) channels are removed in whole
     groups: every input and output channel of a conv group is one element, so the slim conv
@@ -85,7 +86,9 @@ def conv_channels(ctx, x: TensorChannels, weight: Union[TensorChannels, Tuple[Op
     c_out = out_shape[cd]
     xin = x.dims[cd]
     if groups == 1:
-        ctx.consume(xin, in_w, f"the input channels of {ctx.node.name}")
+        unpadded = padding == "valid" or not any(padding if isinstance(padding, (list, tuple)) else [padding])
+        fold = ctx.fold_site(xin, in_w, bias, cd) if unpadded and not transposed else None
+        ctx.consume(xin, in_w, f"the input channels of {ctx.node.name}", fold=fold)
         out = Track(out_w.units, np.full(c_out, ZERO, np.int8)) if out_w is not None else None
     else:
         # one element per conv group: all its input channels, weight rows/cols and outputs
@@ -152,7 +155,8 @@ def _conv_module(ctx):
     w0 = ctx.param("weight", 0, "in" if transposed else "out")
     w1 = ctx.param("weight", 1, "out" if transposed else "in")
     bias = ctx.param("bias", 0, "out")
-    return conv_channels(ctx, _x(ctx), (w0, w1, m.weight.ndim), bias, m.groups, transposed, ctx.out_shape)
+    return conv_channels(ctx, _x(ctx), (w0, w1, m.weight.ndim), bias, m.groups, transposed, ctx.out_shape,
+                         m.padding)
 
 
 def _functional_conv(transposed: bool):
@@ -164,7 +168,7 @@ def _functional_conv(transposed: bool):
         if not isinstance(w, TensorChannels) or not isinstance(groups, int):
             return ctx.unknown("convolution with a computed weight or group count")
         bias = b.dims[0] if isinstance(b, TensorChannels) else None
-        return conv_channels(ctx, x, w, bias, groups, transposed, ctx.out_shape)
+        return conv_channels(ctx, x, w, bias, groups, transposed, ctx.out_shape, ctx.arg(4, "padding", 0))
 
     return rule
 
@@ -192,7 +196,7 @@ register_function(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, na
 
 def linear_channels(ctx, x: TensorChannels, w_out: Optional[Track], w_in: Optional[Track],
                     bias: Optional[Track], out_shape) -> TensorChannels:
-    ctx.consume(x.dims[-1], w_in, f"the input features of {ctx.node.name}")
+    ctx.consume(x.dims[-1], w_in, f"the input features of {ctx.node.name}", fold=ctx.fold_site(x.dims[-1], w_in, bias, -1))
     out = Track(w_out.units, np.full(len(w_out), ZERO, np.int8)) if w_out is not None else None
     if bias is not None:
         ctx.unify(out, bias)
@@ -357,10 +361,10 @@ def layernorm_channels(ctx, x: TensorChannels, n_norm: int, weight: Optional[Ten
     """LayerNorm over the last ``n_norm`` dims: channels there are normalised together, so
     removing one (even a zero one) changes the others' statistics: inexact."""
     dims = list(x.dims)
-    if bias is not None:  # a zeroed channel outside the normalised dims comes out as the bias
-        for d in range(x.ndim - n_norm):
+    if bias is not None:  # a zeroed channel outside the normalised dims comes out as the bias,
+        for d in range(x.ndim - n_norm):  # which varies over the normalised dims: not one constant
             if dims[d] is not None:
-                dims[d] = Track(dims[d].units, state_const_map(dims[d].state))
+                dims[d] = Track(dims[d].units, np.full(len(dims[d]), ANY, np.int8))
     for k in range(n_norm):
         d = x.ndim - n_norm + k
         t = x.dims[d]
@@ -426,6 +430,13 @@ def functional_norm_channels(ctx, x: TensorChannels, mean, var, weight, bias, us
     """Batch/instance norm written as a function: per-channel statistics and affine tensors
     (tracks or None) on dim 1; without an affine scale, running statistics map zero to
     ``-mean/std``."""
+    if not uses_stats:
+        # statistics computed from the input over every dim but 1: channels there are
+        # normalised together (weight standardisation: F.batch_norm over a reshaped weight)
+        for d, other in enumerate(x.dims):
+            if d != 1 and other is not None:
+                ctx.inexact(other, "normalised together by statistics computed over them (their mean and "
+                                   "variance change when a channel is removed)")
     t = x.dims[1]
     ctx.unify(t, *[p for p in (mean, var, weight, bias) if p is not None])
     if t is None:
@@ -635,16 +646,28 @@ _POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgP
                  nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d)
 
 
+def _padded(x: TensorChannels) -> TensorChannels:
+    """Padding makes a constant channel vary with position (zeros or partial averages at the
+    border): its value is no longer one constant a consumer could fold into its bias."""
+    return x.map_state(lambda s: np.where(s == CONST, ANY, s).astype(np.int8))
+
+
+def _pads(module: nn.Module) -> bool:
+    pad = getattr(module, "padding", 0)
+    return any(pad) if isinstance(pad, (list, tuple)) else bool(pad)
+
+
 @register_module(*_POOL_MODULES, name="pool")
 def _pool_module(ctx):
     if getattr(ctx.module, "return_indices", False):
         return ctx.unknown("pooling that returns indices")
-    return spatial_channels(ctx, _x(ctx), _spatial_rank(ctx.module))
+    out = spatial_channels(ctx, _x(ctx), _spatial_rank(ctx.module))
+    return _padded(out) if _pads(ctx.module) else out
 
 
 @register_module(nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, name="pool")
 def _constant_pad(ctx):
-    out = spatial_channels(ctx, _x(ctx), _spatial_rank(ctx.module))
+    out = _padded(spatial_channels(ctx, _x(ctx), _spatial_rank(ctx.module)))
     return out if ctx.module.value == 0 else out.map_state(state_const_map)
 
 
@@ -658,7 +681,8 @@ _POOL_FUNCTIONS = [F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg
 def _pool_fn(ctx):
     if ctx.arg(None, "return_indices", False):
         return ctx.unknown("pooling that returns indices")
-    return spatial_channels(ctx, _x(ctx), _spatial_rank(ctx.node.target))
+    out = spatial_channels(ctx, _x(ctx), _spatial_rank(ctx.node.target))
+    return out if "adaptive" in getattr(ctx.node.target, "__name__", "") else _padded(out)
 
 
 @register_module(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, name="interpolate")
@@ -685,7 +709,7 @@ def _pad(ctx):
         if pad[2 * k] or pad[2 * k + 1]:
             ctx.pin(dims[d], "channels padded")
             dims[d] = None
-    out = TensorChannels(ctx.out_shape, dims)
+    out = _padded(TensorChannels(ctx.out_shape, dims))
     value = ctx.arg(3, "value", 0) if ctx.node.target is F.pad else ctx.arg(2, "value", 0)
     mode = ctx.arg(2, "mode", "constant") if ctx.node.target is F.pad else "constant"
     return out if (mode != "constant" or not value) else out.map_state(state_const_map)

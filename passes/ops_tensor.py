@@ -7,6 +7,7 @@ pruned graph (see :mod:`fxprune.passes.symbolic`).
 """
 from __future__ import annotations
 
+import math
 import operator
 from numbers import Number
 from typing import Any, List, Optional, Sequence
@@ -41,16 +42,20 @@ def elementwise_channels(ctx, operands: Sequence[Any], kind: str) -> TensorChann
     tcs = [_tc(ctx, v) for v in operands]
     scalars = [v for v, t in zip(operands, tcs) if t is None]
     tensors = [t for t in tcs if t is not None]
+    # a one-element parameter or buffer read as it is: the same value at every position, for
+    # every input (a StarReLU's offset), so a zeroed channel it is added to is one constant
+    fixed = [isinstance(v, torch.fx.Node) and v.op == "get_attr" and math.prod(t.shape) == 1
+             for v, t in zip(operands, tcs) if t is not None]
     aligned = broadcast_dims([t.shape for t in tensors], len(out_shape))
     dims: List[Optional[Track]] = []
     for d, size in enumerate(out_shape):
         full, states, missing = [], [], False
-        for t, al in zip(tensors, aligned):
+        for t, al, is_fixed in zip(tensors, aligned, fixed):
             sd = al[d]
             if sd is None or t.shape[sd] == 1:
                 if sd is not None and t.dims[sd] is not None and size > 1:
                     ctx.pin(t.dims[sd], "a single channel broadcast over a dimension")
-                states.append(None)
+                states.append(BROADCAST_CONST if is_fixed else None)
                 continue
             if t.dims[sd] is None:
                 missing = True
@@ -69,7 +74,14 @@ def elementwise_channels(ctx, operands: Sequence[Any], kind: str) -> TensorChann
     return TensorChannels(tuple(out_shape), dims)
 
 
+# the state of a dim a parameter broadcasts over: one data-independent value per position
+BROADCAST_CONST = "broadcast-const"
+
+
 def _combine_states(ctx, kind, states, scalars, operands, tcs, size) -> np.ndarray:
+    if kind not in ("mul", "div"):  # a sum: the parameter's value is added to a zero channel
+        states = [np.full(size, CONST, np.int8) if s is BROADCAST_CONST else s for s in states]
+    states = [None if s is BROADCAST_CONST else s for s in states]
     tracked = [s for s in states if s is not None]
     if kind == "mul":
         return state_mul(tracked)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ import torch.fx
 
 from fxprune.errors import RewriteError
 
+from .bias_fold import fold_biases
 from .channel_deps import META_CHANNELS, ChannelAnalysis
 from .channels import TensorChannels, Track
 from .op_semantics import META_SPEC
@@ -99,13 +100,20 @@ def element_keep(ca: ChannelAnalysis, keep: Mapping[int, np.ndarray]) -> np.ndar
     return out
 
 
-def prune_rewrite(gm: torch.fx.GraphModule, keep: Mapping[int, np.ndarray]) -> torch.fx.GraphModule:
-    """Slim copy of ``gm`` (analysed by the pipeline) keeping ``keep[g]`` channels of group ``g``."""
+def prune_rewrite(gm: torch.fx.GraphModule, keep: Mapping[int, np.ndarray],
+                  example_inputs: Optional[Sequence] = None) -> torch.fx.GraphModule:
+    """Slim copy of ``gm`` (analysed by the pipeline) keeping ``keep[g]`` channels of group ``g``.
+
+    ``example_inputs`` are needed when a removed channel holds a constant that a consumer's
+    bias takes over (:mod:`fxprune.passes.bias_fold`)."""
     ca: ChannelAnalysis = gm.meta["fxprune"]
     sym: SymbolicShapes = ca.sym
     new = copy_graph_module(gm)
     alive = element_keep(ca, keep)
+    new_biases = fold_biases(gm, new, ca.analysis, alive, example_inputs, _get)
     _slice_tensors(new, ca, alive)
+    for module, bias in new_biases:
+        new.get_submodule(module).bias = torch.nn.Parameter(bias)
     for node in new.graph.nodes:
         spec = node.meta.get(META_SPEC)
         if spec is None or spec.rewrite is None:

@@ -21,7 +21,7 @@ import torch.fx
 
 from fxprune.errors import describe_node
 
-from .channels import CONST, ZERO, ElementStore, TensorChannels, Track, untracked
+from .channels import ANY, CONST, ZERO, ElementStore, TensorChannels, Track, untracked
 from .lookup import Lookup
 
 _MISSING = object()
@@ -37,6 +37,24 @@ class ParamInfo:
     nodes: List[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class FoldSite:
+    """A consumer whose constant inputs can be folded into its bias: a linear layer or an
+    unpadded convolution reading channels through ``weight``'s dim ``in_dim``, with a bias.
+
+    A removed input channel that still holds a data-independent constant ``c`` (a StarReLU's
+    offset, ``sigmoid(0)``) adds ``sum(weight[o, channel, ...]) * c`` to output ``o`` at every
+    position; the slim model adds it to ``bias`` instead (:mod:`fxprune.passes.bias_fold`).
+    """
+
+    node: str
+    weight: str
+    in_dim: int
+    bias: Optional[str]  # None: a module without bias, which the slim model gives one
+    channel_dim: int  # the consumer input's channel dim (-1 for linear, 1 or 0 for a conv)
+    module: Optional[str] = None  # the consumer module (call_module nodes)
+
+
 @dataclass
 class Analysis:
     """Everything the channel-deps walk learns; stored on ``gm.meta["fxprune"]``."""
@@ -50,6 +68,7 @@ class Analysis:
     canonical: Dict[str, str] = field(default_factory=dict)  # tensor name -> first name of the same tensor
     sizes: Dict[str, Any] = field(default_factory=dict)  # node name -> the channel tracks its number counts
     const_origin: Dict[int, str] = field(default_factory=dict)  # element -> node that first made it non-zero
+    folds: List[Tuple[FoldSite, np.ndarray]] = field(default_factory=list)  # (site, its input's units)
 
 
 class RuleContext:
@@ -221,9 +240,43 @@ class RuleContext:
             dims.append(Track(t.units, np.full(size, ZERO if is_param else CONST, np.int8), source=t.source))
         return TensorChannels(tuple(tensor.shape), dims)
 
-    def consume(self, x: Optional[Track], w: Optional[Track], what: str = "") -> None:
+    def fold_site(self, x: Optional[Track], w_in: Optional[Track], bias: Optional[Track],
+                  channel_dim: int) -> Optional[FoldSite]:
+        """The :class:`FoldSite` of this node, if input channels ``x`` hold a constant and its
+        weight and bias are parameters read as they are, by this node only; else None."""
+        module = self.node.target if self.node.op == "call_module" else None
+        if x is None or not (x.state == CONST).any():
+            return None
+        if w_in is None or w_in.source is None or w_in.source[1] != 1:
+            return None  # weights here are (out, in, *kernel): the input dim is 1
+        if bias is None and (module is None or getattr(self.module, "bias", 0) is not None):
+            return None  # only a module's missing bias can be created
+        if bias is not None and bias.source is None:
+            return None
+        if not self._sole_reader():
+            return None  # another op reads the same weights: their bias must stay as it is
+        bias_name = bias.source[0] if bias is not None else None
+        names = {w_in.source[0], bias_name} - {None}
+        if any(self.analysis.canonical.get(alias) in names for alias in self.analysis.canonical
+               if alias not in names):
+            return None  # a shared tensor: folding into it would change its other users
+        return FoldSite(self.node.name, w_in.source[0], w_in.source[1], bias_name, channel_dim, module)
+
+    def _sole_reader(self) -> bool:
+        """This node is the only reader of its weight and bias: a module called once, or
+        ``get_attr`` weight and bias nodes (arguments 1 and 2) with no other user."""
+        node = self.node
+        if node.op == "call_module":
+            return sum(n.op == "call_module" and n.target == node.target for n in node.graph.nodes) == 1
+        args = [self.arg(i, name, None) for i, name in ((1, "weight"), (2, "bias"))]
+        return all(a is None or (isinstance(a, torch.fx.Node) and a.op == "get_attr" and len(a.users) == 1)
+                   for a in args)
+
+    def consume(self, x: Optional[Track], w: Optional[Track], what: str = "",
+                fold: Optional[FoldSite] = None) -> None:
         """``w`` (a weight dim) reads channels ``x``: unify them, mark ``w`` a consumer, and
-        mark inexact every channel that does not reach it as exact zero."""
+        mark inexact every channel that does not reach it as exact zero (or, with a ``fold``
+        site, as a constant that the slim model folds into the bias)."""
         if w is not None and w.source is not None:
             info = self.analysis.params[w.source]
             if info.default_role:
@@ -234,14 +287,18 @@ class RuleContext:
             self.unify(x, w, reason="consumer of a dimension that carries no channels")
             return
         self.unify(x, w)
-        self.require_zero(x, what or "a consumer's input channels")
+        self.require_zero(x, what or "a consumer's input channels", fold)
 
-    def require_zero(self, x: Optional[Track], what: str) -> None:
-        """Positions of ``x`` must be exactly zero when zeroed, or their channels are inexact."""
+    def require_zero(self, x: Optional[Track], what: str, fold: Optional[FoldSite] = None) -> None:
+        """Positions of ``x`` must be exactly zero when zeroed, or their channels are inexact;
+        with a ``fold`` site a data-independent constant is accepted too (folded later)."""
         if x is None:
             return
         self.touched.append(x.units)
         bad = x.state != ZERO
+        if fold is not None and (x.state == CONST).any():
+            self.analysis.folds.append((fold, x.units.copy()))
+            bad = x.state == ANY
         if bad.any():
             kind = "a non-zero constant" if (x.state[bad] == CONST).all() else "an unknown value"
             origins = sorted({self.analysis.const_origin[e] for e in x.units[bad].tolist()

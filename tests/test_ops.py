@@ -1778,3 +1778,38 @@ def test_in_place_activation_on_a_shared_tensor_freezes():
     prog = fxprune.compile(Shared().eval(), (torch.randn(1, 3, 4, 4),), frontend="fx")
     g = [g for g in prog.groups if any(s.param == "a.weight" for s in g.slices)][0]
     assert not g.prunable and "in-place" in g.reason
+
+
+def test_weight_standardised_conv_marks_its_input_channels_inexact():
+    """Weight standardisation (NF-ResNet's ScaledStdConv2d): ``F.batch_norm`` in training mode
+    over the weight reshaped to (1, C_out, C_in*k*k) normalises each row over its input
+    channels, so removing an input channel changes every row: that group is inexact, the
+    conv's output channels stay prunable, and the slim model matches."""
+    import fxprune
+    from fxprune.testing import check_equivalence
+
+    class StdConv(nn.Conv2d):
+        def forward(self, x):
+            w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+                             momentum=0.0, eps=1e-6).reshape_as(self.weight)
+            return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = StdConv(8, 6, 1)  # 1x1: the reshape keeps the input-channel track whole
+            self.c = nn.Conv2d(6, 4, 1)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    model = Net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    prog = fxprune.compile(model, (x,))
+    into_b = [g for g in prog.groups if any(s.param == "a.weight" for s in g.slices)][0]
+    assert not into_b.exact and not into_b.prunable and "statistics computed over them" in into_b.reason
+    out_of_b = [g for g in prog.groups if any(s.param == "b.weight" and s.dim == 0 for s in g.slices)][0]
+    assert out_of_b.prunable and out_of_b.exact
+    res = check_equivalence(model, (x,), dtype=torch.float64)
+    assert res.params_slim < res.params_full

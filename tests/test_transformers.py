@@ -219,3 +219,79 @@ def test_head_groups_own_their_bias(name):
     if name.startswith("tv/swin"):
         assert sweep.frontend_of(prog) == "export"
     assert res.params_slim < res.params_full
+
+
+def _zero_per_group(prog, count):
+    """Zero ``count(group)`` leading channels of every prunable group; returns the slim model."""
+    masks = {}
+    for g in prog.groups:
+        if g.prunable:
+            keep = torch.ones(g.size, dtype=torch.bool)
+            keep[:count(g)] = False
+            masks[g.id] = keep
+    prog.zero_(masks)
+    return prog.construct_subnet()
+
+
+def test_hf_config_rebuilds_the_slim_llama():
+    """Half of every head and MLP group removed: the written config (fewer query and kv heads,
+    narrower MLP) builds a LlamaForCausalLM that takes the slim weights as they are and gives
+    the slim GraphModule's logits."""
+    from transformers import LlamaForCausalLM
+
+    model, inputs = sweep.MODELS["hf/llama"].build()
+    model = model.double()
+    prog = fxprune.compile(model, inputs)
+    slim = _zero_per_group(prog, lambda g: g.size // 2)
+    res = fxprune.hf_config(model, slim)
+    cfg = model.config
+    assert res.homogeneous, res.explain()
+    assert res.changed == {"num_attention_heads": (cfg.num_attention_heads, cfg.num_attention_heads // 2),
+                           "num_key_value_heads": (cfg.num_key_value_heads, cfg.num_key_value_heads // 2),
+                           "intermediate_size": (cfg.intermediate_size, cfg.intermediate_size // 2)}
+    assert res.config.head_dim == cfg.head_dim and model.config.num_attention_heads == cfg.num_attention_heads
+    rebuilt = LlamaForCausalLM(res.config).double().eval()
+    missing, unexpected = rebuilt.load_state_dict(slim.state_dict(), strict=False)
+    assert not missing, missing
+    with torch.no_grad():
+        want = slim(*inputs)
+        got = rebuilt(*inputs).logits
+    want = want.logits if hasattr(want, "logits") else torch.utils._pytree.tree_leaves(want)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_hf_config_saves_config_json(tmp_path):
+    from transformers import AutoConfig
+
+    model, inputs = sweep.MODELS["hf/t5_encoder"].build()
+    prog = fxprune.compile(model, inputs)
+    slim = _zero_per_group(prog, lambda g: g.size // 2)
+    res = fxprune.hf_config(model, slim)  # the T5 encoder sits under a task head: prefix "encoder."
+    assert res.prefix == "encoder." and res.homogeneous, res.explain()
+    assert set(res.changed) == {"num_heads", "d_ff"}
+    path = res.save(str(tmp_path))
+    loaded = AutoConfig.from_pretrained(str(tmp_path))
+    assert path.endswith("config.json") and loaded.num_heads == 2 and loaded.d_ff == 64
+
+
+def test_hf_config_reports_what_no_config_can_say():
+    """Layers that keep different head counts have no single ``num_attention_heads``; BERT's
+    head count also sets its head width, so pruned heads at a fixed width have no config at
+    all. Both are reported, never written."""
+    model, inputs = sweep.MODELS["hf/llama"].build()
+    prog = fxprune.compile(model, inputs)
+    layer_of = lambda g: int(re.search(r"layers\.(\d+)\.", g.params[0]).group(1))
+    heads = [g for g in prog.groups if g.prunable and any("k_proj" in p for p in g.params)]
+    uneven = {g.id: layer_of(g) for g in heads}
+    slim = _zero_per_group(prog, lambda g: uneven.get(g.id, 0))  # layer 0 keeps 2 kv heads, layer 1 one
+    res = fxprune.hf_config(model, slim)
+    assert not res.homogeneous, res.explain()
+    assert res.heterogeneous == {"num_attention_heads": [2, 4], "num_key_value_heads": [1, 2]}, res.explain()
+    with pytest.raises(fxprune.UnsupportedInputError, match="differs across layers"):
+        res.save("/nonexistent")
+
+    model, inputs = sweep.MODELS["hf/bert"].build()
+    prog = fxprune.compile(model, inputs)
+    res = fxprune.hf_config(model, _zero_per_group(prog, lambda g: g.size // 2))
+    assert res.config is None and res.changed["intermediate_size"] == (128, 64)
+    assert any(k.endswith("attention.self.query.weight") for k in res.mismatched), res.explain()

@@ -193,6 +193,18 @@ class ChannelLayout:
                           device=rows.device)
         return out.index_add_(0, self.valid_chan, rows)
 
+    def channel_sums(self, rows: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Sum ``k`` flat per-row tensors ``[R]`` into channels at once: ``[k, C]``.
+
+        Same sums as ``k`` calls of :meth:`channel_sum`, in the same order; the rows are
+        stacked along a new leading dim so that the stack and the ``index_add_`` along the
+        row dim run over contiguous memory."""
+        rows = torch.stack(list(rows))
+        if not self.all_rows_valid:
+            rows = rows.index_select(1, self.valid_rows)
+        out = torch.zeros((rows.shape[0], self.num_channels), dtype=rows.dtype, device=rows.device)
+        return out.index_add_(1, self.valid_chan, rows)
+
     def to_rows(self, values: torch.Tensor, fill) -> torch.Tensor:
         """Gather a per-channel tensor ``[C]`` to rows ``[R]``; rows of no channel get ``fill``."""
         ext = torch.cat([values, values.new_full((1,), fill)])
@@ -258,15 +270,19 @@ def row_dot(a: torch.Tensor, b: torch.Tensor, dim: int, size: int,
             scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``sum(a * b)`` over every dim but ``dim``: a ``[size]`` vector (accumulation dtype).
 
-    ``scratch``: an optional 1-d buffer of ``a``'s dtype with at least ``a.numel()``
-    elements that receives the product; reusing one buffer spares the allocator a fresh
-    parameter-sized block (and its page faults) on every call."""
+    Rows laid out contiguously along ``dim == 0`` in float32/float64 take one batched matmul
+    (:func:`_bmm_row_dot`), which streams ``a`` and ``b`` once and writes no product tensor.
+    Otherwise the product goes through ``scratch`` when given: an optional 1-d buffer of
+    ``a``'s dtype with at least ``a.numel()`` elements; reusing one buffer spares the
+    allocator a fresh parameter-sized block (and its page faults) on every call."""
     acc = acc_dtype(a)
     if a.dim() <= 1:
         return a.reshape(-1).to(acc) * b.reshape(-1).to(acc)
     a2 = _rows2d(a, dim, size)
     b2 = _rows2d(b, dim, size) if a2 is not None else None
     if a2 is not None and b2 is not None:
+        if a.dtype == acc and b.dtype == acc:
+            return _bmm_row_dot(a2, b2)
         if scratch is not None and scratch.dtype == a.dtype and scratch.numel() >= a.numel():
             prod = torch.mul(a2, b2, out=scratch[:a.numel()].view(a2.shape))
             return prod.sum(1, dtype=acc)
@@ -274,3 +290,17 @@ def row_dot(a: torch.Tensor, b: torch.Tensor, dim: int, size: int,
         return out if out.dtype == acc else out.to(acc)
     others = [i for i in range(a.dim()) if i != dim]
     return (a * b).sum(dim=others, dtype=acc)
+
+
+def _bmm_row_dot(a2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """Row-wise inner products of two ``[R, n]`` row-major matrices: a ``[R]`` vector.
+
+    An elementwise product and a sum would write and re-read a parameter-sized temporary
+    (four passes over memory); a batched matmul of ``(R/k, k, n) @ (R/k, n, k)`` reads each
+    operand once and keeps the ``k x k`` blocks' diagonals. ``k = 2`` pairs rows so that
+    short rows still give the BLAS kernel enough work per batch; the extra off-diagonal
+    products are cheap next to the memory traffic."""
+    rows, n = a2.shape
+    k = 2 if rows % 2 == 0 else 1
+    blocks = torch.bmm(a2.view(rows // k, k, n), b2.view(rows // k, k, n).transpose(1, 2))
+    return blocks.diagonal(dim1=1, dim2=2).reshape(rows)

@@ -138,9 +138,10 @@ class DHSPG(torch.optim.Optimizer):
 
     Cost: outside the pruning phase a step costs what the base optimizer's step costs. A
     pruning-phase step adds, per parameter holding redundant channels, three row reductions
-    (``||x||``, ``<x, d>``, ``||d||`` over every dim but the channel dim) and one row scaling;
-    the channel math itself is a few vector ops over ``[C]`` (see
-    ``benchmarks/optimizer_step.py``).
+    (``||x||``, ``<x, d>``, ``||d||`` over every dim but the channel dim; the inner product
+    as one batched matmul, so four reads of parameter memory in all, taken right after the
+    parameter's direction) and one row scaling (one more pass); the channel math itself is
+    a few vector ops over ``[C]`` (see ``benchmarks/optimizer_step.py``).
 
     Example::
 
@@ -247,9 +248,13 @@ class DHSPG(torch.optim.Optimizer):
         self._zero_rows_cache: Optional[List[Tuple[torch.Tensor, int, torch.Tensor]]] = None
         self._coef_key: Optional[tuple] = None
         self._coef: Tuple[torch.Tensor, ...] = ()
-        self._scratch: Optional[torch.Tensor] = None  # products of row_dot, see _row_norms
+        self._scratch: Optional[torch.Tensor] = None  # row_dot products (half precision only)
         self._zero_rows = torch.zeros(max(layout.entry_sizes, default=0), dtype=self._acc,
                                       device=dev)
+        #: id(parameter) -> indices of its entries in ``layout.entries``
+        self._param_entries: Dict[int, List[int]] = {}
+        for i, e in enumerate(layout.entries):
+            self._param_entries.setdefault(id(e.param), []).append(i)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -319,8 +324,11 @@ class DHSPG(torch.optim.Optimizer):
                 need_param.add(id(L.entries[i].param))
 
         # 1. base directions; parameters without channel work are updated right away.
-        #    A kept direction is (p, d_raw, a, b, lr) with d = a * d_raw + b * x.
+        #    A kept direction is (p, d_raw, a, b, lr) with d = a * d_raw + b * x. The row
+        #    reductions of a kept parameter follow its direction at once, while the freshly
+        #    written direction (and the parameter, for small ones) is still in cache.
         directions: Dict[int, Tuple[torch.Tensor, torch.Tensor, float, float, float]] = {}
+        row_stats: List[Optional[Tuple[torch.Tensor, ...]]] = [None] * len(L.entries)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -331,11 +339,12 @@ class DHSPG(torch.optim.Optimizer):
                 out = self._direction(p, group, keep_d)
                 if keep_d:
                     directions[id(p)] = (p,) + out + (group["lr"],)
+                    self._matrix_row_stats(p, out[0], need_entry, row_stats)
 
         # 2. channel math of the pruning phase: per-row scales of the kept parameters.
         scales: Dict[int, List[Tuple[int, torch.Tensor]]] = {}
         if pruning:
-            scales = self._pruning_math(t, need_entry, directions)
+            scales = self._pruning_math(t, need_entry, directions, row_stats)
 
         # 3. updates that waited for the channel math: x <- s * x - lr * d.
         for pid, (p, d_raw, a, b, lr) in directions.items():
@@ -436,9 +445,25 @@ class DHSPG(torch.optim.Optimizer):
             self._coef_key = key
         return self._coef
 
-    def _row_norms(self, need_entry: List[bool], directions) -> Tuple[torch.Tensor, ...]:
+    def _matrix_row_stats(self, p: torch.Tensor, d_raw: torch.Tensor, need_entry: List[bool],
+                          out: List[Optional[Tuple[torch.Tensor, ...]]]) -> None:
+        """Per-row ``(||x||, <x, d_raw>, ||d_raw||)`` of the needed matrix entries of ``p``,
+        stored at their entry index in ``out``. Vector entries (one scalar per row) are left
+        to :meth:`_row_norms`, which does them all in three ``_foreach`` calls."""
+        L = self._layout
+        x = p.detach()
+        for i in self._param_entries.get(id(p), ()):
+            e = L.entries[i]
+            if need_entry[i] and not e.vector:
+                out[i] = (row_norm(x, e.dim, e.size),
+                          row_dot(x, d_raw, e.dim, e.size, self._scratch_for(x)),
+                          row_norm(d_raw, e.dim, e.size))
+
+    def _row_norms(self, need_entry: List[bool], directions,
+                   row_stats: List[Optional[Tuple[torch.Tensor, ...]]]) -> Tuple[torch.Tensor, ...]:
         """Flat per-row ``||x||``, ``<x, d_raw>``, ``||d_raw||`` (``Tensor[R]`` each; zeros
-        for the entries not needed and for parameters without a kept direction)."""
+        for the entries not needed and for parameters without a kept direction).
+        ``row_stats``: the matrix entries' rows from :meth:`_matrix_row_stats`."""
         L = self._layout
         acc = self._acc
         E = len(L.entries)
@@ -449,8 +474,11 @@ class DHSPG(torch.optim.Optimizer):
         vx_i, vx = [], []          # vector entries: |x| in one foreach call
         vd_i, vdx, vdd = [], [], []  # vector entries with a direction
         for i, (e, need) in enumerate(zip(L.entries, need_entry)):
+            if row_stats[i] is not None:
+                nx[i], xd[i], nd[i] = row_stats[i]
+                continue
+            z = zeros[:e.size]
             if not need:
-                z = zeros[:e.size]
                 nx[i] = xd[i] = nd[i] = z
                 continue
             x = e.param.detach()
@@ -463,14 +491,11 @@ class DHSPG(torch.optim.Optimizer):
                     vdx.append(x.reshape(-1))
                     vdd.append(kept[1].reshape(-1))
                 else:
-                    xd[i] = nd[i] = zeros[:e.size]
+                    xd[i] = nd[i] = z
                 continue
+            # a matrix entry without a kept direction: only ||x||
             nx[i] = row_norm(x, e.dim, e.size)
-            if kept is not None:
-                xd[i] = row_dot(x, kept[1], e.dim, e.size, self._scratch_for(x))
-                nd[i] = row_norm(kept[1], e.dim, e.size)
-            else:
-                xd[i] = nd[i] = zeros[:e.size]
+            xd[i] = nd[i] = z
         if vx:
             for i, v in zip(vx_i, torch._foreach_abs(vx)):
                 nx[i] = v
@@ -548,19 +573,20 @@ class DHSPG(torch.optim.Optimizer):
                 break
         return torch.tensor(quota, dtype=torch.long, device=sal.device)
 
-    def _pruning_math(self, t: int, need_entry: List[bool], directions) -> Dict[int, List[Tuple[int, torch.Tensor]]]:
+    def _pruning_math(self, t: int, need_entry: List[bool], directions,
+                      row_stats) -> Dict[int, List[Tuple[int, torch.Tensor]]]:
         """Partition (once), adaptive lambda, half-space projection and quota of one pruning
-        step; returns the per-row scales ``1 - lr (lambda_g / ||x_g|| + b)`` per parameter."""
+        step; returns the per-row scales ``1 - lr (lambda_g / ||x_g|| + b)`` per parameter.
+        ``row_stats``: the matrix entries' row reductions (see :meth:`_matrix_row_stats`)."""
         L = self._layout
         dh = self._dh
-        nx_r, xdr, ndr = self._row_norms(need_entry, directions)
+        nx_r, xdr, ndr = self._row_norms(need_entry, directions, row_stats)
         a, b, alpha = self._coef_rows(directions)
         xx_r = nx_r.square()
         xd_r = a * xdr + b * xx_r
         dd_r = (a * a) * ndr.square() + (2.0 * a * b) * xdr + (b * b) * xx_r
-        rows = torch.stack([xx_r, xd_r, dd_r, alpha * xx_r, alpha * xd_r], 1)
-        ch = L.channel_sum(rows)
-        xx, xd, dd, axx, axd = ch.unbind(1)
+        ch = L.channel_sums([xx_r, xd_r, dd_r, alpha * xx_r, alpha * xd_r])
+        xx, xd, dd, axx, axd = ch.unbind(0)
         if not dh["partitioned"]:
             self._partition(xx, xd, dd)
         active = dh["redundant"] & ~dh["projected"]
@@ -737,3 +763,4 @@ class DHSPG(torch.optim.Optimizer):
         for st in self.state.values():
             if "step" in st and torch.is_tensor(st["step"]):
                 st["step"] = int(st["step"].item())
+
