@@ -124,14 +124,15 @@ def conv_channels(ctx, x: TensorChannels, weight: Union[TensorChannels, Tuple[Op
     return TensorChannels(tuple(out_shape), dims)
 
 
-def new_conv_groups(rctx, x_node, groups: int, weight_ndim: int) -> int:
-    """``groups`` of a slim convolution: the per-group input width is kept, so the group count
-    is the new input width over it (1 stays 1)."""
+def new_conv_groups(rctx, x_node, groups: int, weight_ndim: int, per_group: Optional[int] = None) -> int:
+    """``groups`` of a slim convolution: the per-group input width (``per_group``, by default
+    the traced input width over ``groups``) is kept, so the group count is the new input width
+    over it (1 stays 1)."""
     if groups == 1:
         return 1
     x = rctx.ch(x_node)
     cd = conv_channel_dim(x.ndim, weight_ndim)
-    return rctx.new_shape(x)[cd] // (x.shape[cd] // groups)
+    return rctx.new_shape(x)[cd] // (per_group or x.shape[cd] // groups)
 
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -142,7 +143,8 @@ def _rewrite_conv(rctx) -> None:
     m = rctx.module
     w = m.weight
     transposed = isinstance(m, _CONV_TS)
-    groups = new_conv_groups(rctx, rctx.node.args[0], m.groups, w.ndim)
+    # from the module's own (in_channels, groups): a module called twice is rewritten twice
+    groups = new_conv_groups(rctx, rctx.node.args[0], m.groups, w.ndim, m.in_channels // m.groups)
     in_channels = w.shape[0] if transposed else w.shape[1] * groups
     out_channels = w.shape[1] * groups if transposed else w.shape[0]
     _size_attrs(m, in_channels=in_channels, out_channels=out_channels, groups=groups)

@@ -1813,3 +1813,30 @@ def test_weight_standardised_conv_marks_its_input_channels_inexact():
     assert out_of_b.prunable and out_of_b.exact
     res = check_equivalence(model, (x,), dtype=torch.float64)
     assert res.params_slim < res.params_full
+
+
+def test_depthwise_conv_called_twice():
+    """One depthwise module applied twice (CoaT's position encoding): its rewrite runs once
+    per call and must give the same group count both times."""
+    from fxprune.testing import check_equivalence
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.b = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.b(self.dw(y) + self.dw(torch.relu(y)))
+
+    import fxprune
+
+    model, x = Twice().eval(), torch.randn(1, 3, 6, 6)
+    check_equivalence(model, (x,), dtype=torch.float64)
+    prog = fxprune.compile(model, (x,))
+    g = [g for g in prog.groups if any(s.param == "a.weight" for s in g.slices)][0]
+    prog.zero_({g.id: torch.tensor([True, False] * 4)})  # 4 of 8 kept: 8 // 4 != 1
+    slim = prog.construct_subnet()
+    assert slim.dw.groups == slim.dw.in_channels == slim.dw.out_channels == 4

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from ._groups import ChannelLayout, redundancy_saliency, row_dot, row_norm
+from ._groups import ChannelLayout, acc_dtype, redundancy_saliency, row_dot, row_norm
 
 __all__ = ["DHSPG"]
 
@@ -455,8 +455,10 @@ class DHSPG(torch.optim.Optimizer):
         for i in self._param_entries.get(id(p), ()):
             e = L.entries[i]
             if need_entry[i] and not e.vector:
+                # row_dot writes products only for half precision (see its docstring)
+                scratch = None if x.dtype == acc_dtype(x) else self._scratch_for(x)
                 out[i] = (row_norm(x, e.dim, e.size),
-                          row_dot(x, d_raw, e.dim, e.size, self._scratch_for(x)),
+                          row_dot(x, d_raw, e.dim, e.size, scratch),
                           row_norm(d_raw, e.dim, e.size))
 
     def _row_norms(self, need_entry: List[bool], directions,
@@ -763,4 +765,3 @@ class DHSPG(torch.optim.Optimizer):
         for st in self.state.values():
             if "step" in st and torch.is_tensor(st["step"]):
                 st["step"] = int(st["step"].item())
-
