@@ -280,6 +280,7 @@ FAST = [n for n, sp in MODELS.items() if sp.fast]
 
 _NORM_CLASS = re.compile(r"LayerNorm|RMSNorm|RmsNorm|GroupNorm")
 # parameters of attention modules, by the names torchvision, timm and HuggingFace give them
+_MLP_PATH = re.compile(r"(^|\.)(mlp|ffn|feed_forward|intermediate)(\.|$)", re.I)
 _ATTN_PATH = re.compile(r"(^|\.)(attn|attention|self_attn|selfattention|factoratt_crpe)(\.|$)", re.I)
 
 
@@ -318,7 +319,8 @@ def classify(prog, model: nn.Module) -> Dict[int, str]:
     * ``"head"``: attention heads: each channel owns a block of several output rows (or columns,
       for GPT-2's transposed ``Conv1D``) of a projection weight, head_dim of each of q/k/v;
     * ``"mlp"``: one output row per channel of a linear (or 1x1 convolution) weight outside an
-      attention module: the hidden width of a feed-forward block, a pooler;
+      attention module: the hidden width of a feed-forward block, a pooler (or two rows of a
+      gated MLP packed in one weight, under an ``mlp``/``ffn`` path);
     * ``"conv"``: channels of a spatial (k x k, k > 1) convolution;
     * ``"output"``: frozen because it reaches the model output;
     * ``"other"``: anything else (position tables, vocabulary rows, a norm's parameters alone).
@@ -351,6 +353,8 @@ def classify(prog, model: nn.Module) -> Dict[int, str]:
             spatial |= len(shape) > 2 and any(k > 1 for k in shape[2:])
         if not per_channel or g.size < 2:
             kinds[g.id] = "other"
+        elif max(per_channel) > 1 and all(_MLP_PATH.search(p) for p in params):
+            kinds[g.id] = "mlp"  # a gated MLP packed in one weight (SwiGLU): gate and value rows
         elif max(per_channel) > 1:
             kinds[g.id] = "head"
         elif any(_ATTN_PATH.search(p) for p in params):
