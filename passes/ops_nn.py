@@ -96,7 +96,13 @@ def conv_channels(ctx, x: TensorChannels, weight: Union[TensorChannels, Tuple[Op
         per_out = c_out // groups
         g_units = ctx.fresh(groups)
         if xin is not None:
-            ctx.require_zero(xin, f"the input channels of {ctx.node.name}")
+            # A removed conv group takes its outputs with it, and when its filters are producer
+            # parameters (zeroed with the group) those outputs are zero in the full model
+            # whatever the input holds: only a fixed filter (a blur buffer) needs a zero input.
+            if transposed or not ctx.is_producer(w0):
+                ctx.require_zero(xin, f"the input channels of {ctx.node.name}")
+            else:
+                ctx.touched.append(xin.units)
             ctx.union(np.repeat(g_units.units, per_in), xin.units)
         else:
             ctx.pin(g_units, "grouped convolution over an input that carries no channels")

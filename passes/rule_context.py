@@ -164,6 +164,18 @@ class RuleContext:
             self.touched.append(track.units)
             self.analysis.inexact.append((track.units.copy(), f"{reason} ({self.where()})"))
 
+    def is_producer(self, track: Optional[Track]) -> bool:
+        """``track`` is a parameter dimension linked as a producer (zeroed with its group). A
+        parameter read by ``get_attr`` is a producer by default; this makes it one for good, so
+        that a later consumer use adds a role instead of replacing it."""
+        if track is None or track.source is None:
+            return False
+        info = self.analysis.params.get(track.source)
+        if info is None or "out" not in info.roles:
+            return False
+        info.default_role = False
+        return True
+
     def not_channels(self, track: Optional[Track]) -> None:
         """A parameter dimension that holds no channels (a convolution kernel's taps, read as a
         ``get_attr`` tensor): it forms no group and is never sliced."""

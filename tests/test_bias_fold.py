@@ -134,3 +134,40 @@ def test_position_dependent_constant_does_not_fold():
     prog = fxprune.compile(PosAdd().eval(), (torch.randn(1, 3, 5, 5),))
     assert not _hidden(prog, "a.weight").exact
     check_equivalence(PosAdd().eval(), (torch.randn(1, 3, 5, 5),), dtype=torch.float64)
+
+
+class ConstIntoGrouped(nn.Module):
+    """pw conv -> sigmoid -> a 3x3 depthwise conv (learnt filters, or a fixed blur buffer)."""
+
+    def __init__(self, fixed: bool):
+        super().__init__()
+        self.fixed = fixed
+        self.a = nn.Conv2d(3, 8, 1)
+        if fixed:
+            self.register_buffer("blur", torch.rand(8, 1, 3, 3))
+        else:
+            self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = torch.sigmoid(self.a(x))
+        y = F.conv2d(y, self.blur, padding=1, groups=8) if self.fixed else self.dw(y)
+        return self.b(torch.relu(y))
+
+
+def test_constant_into_a_depthwise_conv_is_exact():
+    """A removed depthwise group takes its output with it, and its zeroed filter makes that
+    output zero in the full model whatever the input holds: no fold needed, exact."""
+    model, x = ConstIntoGrouped(fixed=False).eval(), torch.randn(2, 3, 6, 6)
+    prog = fxprune.compile(model, (x,))
+    g = _hidden(prog, "a.weight")
+    assert g.prunable and g.exact and any(s.param == "dw.weight" for s in g.slices), g
+    res = check_equivalence(model, (x,), dtype=torch.float64)
+    assert res.max_rel_diff <= 1e-12 and res.slim.dw.groups < 8
+
+
+def test_constant_into_a_fixed_depthwise_filter_stays_inexact():
+    """A blur buffer is not zeroed with the group: 0.5 * sum(filter) would reach the next layer."""
+    model, x = ConstIntoGrouped(fixed=True).eval(), torch.randn(2, 3, 6, 6)
+    g = _hidden(fxprune.compile(model, (x,)), "a.weight")
+    assert not g.exact and "non-zero constant" in g.reason
