@@ -24,7 +24,10 @@ H2SPG), with fixed random gradients. Rows:
   and takes its AdamW step; then the proximal step on the channels the controller's current
   mask switches off (few, this early in a run)
 * ``torch AdamW``    ``torch.optim.AdamW``
-* ``DHSPG adamw plain`` / ``DHSPG adamw pruning``: the same for the AdamW variant
+* ``DHSPG sgd pruning fused``: the same with ``fused=True`` (row reductions and the row-scaled
+  update in two C++ kernels, :mod:`fxprune.optim._fused`)
+* ``DHSPG adamw plain`` / ``DHSPG adamw pruning`` / ``DHSPG adamw pruning fused``: the same
+  for the AdamW variant
 
 Each round takes one step of every optimizer in turn (so that machine load affects them
 alike); the table reports the median over rounds, in milliseconds, of wall time and of
@@ -129,6 +132,9 @@ def main(argv=None) -> dict:
         "DHSPG sgd pruning": DHSPG(prog, lr=lr, variant="sgd", momentum=0.9,
                                    target_group_sparsity=0.5, start_pruning_step=0,
                                    pruning_steps=far),
+        "DHSPG sgd pruning fused": DHSPG(prog, lr=lr, variant="sgd", momentum=0.9,
+                                         target_group_sparsity=0.5, start_pruning_step=0,
+                                         pruning_steps=far, fused=True),
         "H2SPG sgd warm-up": H2SPG(prog_erase, lr=lr, variant="sgd", momentum=0.9,
                                    target_group_sparsity=0.5, start_pruning_step=far),
         "H2SPG sgd pruning": H2SPG(prog_erase, lr=lr, variant="sgd", momentum=0.9,
@@ -140,6 +146,9 @@ def main(argv=None) -> dict:
         "DHSPG adamw pruning": DHSPG(prog, lr=lr, variant="adamw", weight_decay=1e-2,
                                      target_group_sparsity=0.5, start_pruning_step=0,
                                      pruning_steps=far),
+        "DHSPG adamw pruning fused": DHSPG(prog, lr=lr, variant="adamw", weight_decay=1e-2,
+                                           target_group_sparsity=0.5, start_pruning_step=0,
+                                           pruning_steps=far, fused=True),
     }
     steps = {name: o.step for name, o in opts.items()}
     steps.update(ato["steps"])
@@ -149,7 +158,7 @@ def main(argv=None) -> dict:
     baseline = {name: "torch AdamW" if "adamw" in name.lower() else "torch SGD" for name in steps}
     with torch.no_grad():
         timing = interleaved(steps, args.rounds, args.warmup)
-    for name in ("DHSPG sgd pruning", "DHSPG adamw pruning"):
+    for name in ("DHSPG sgd pruning", "DHSPG sgd pruning fused", "DHSPG adamw pruning", "DHSPG adamw pruning fused"):
         m = opts[name].metrics()
         assert m["redundant_channels"] == m["target_channels"] > 0, m
     h2 = opts["H2SPG sgd pruning"].metrics()

@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from . import _fused
 from ._groups import ChannelLayout, acc_dtype, redundancy_saliency, row_dot, row_norm
 
 __all__ = ["DHSPG"]
@@ -123,6 +124,11 @@ class DHSPG(torch.optim.Optimizer):
             above.
         params: optional iterable of parameters or parameter-group dicts, as for any
             ``torch.optim.Optimizer``; default every trainable parameter of ``prog.module``.
+        fused: take the pruning-phase row reductions and update of contiguous float32/64 CPU
+            parameters in two fused C++ kernels (:mod:`fxprune.optim._fused`, built with the
+            machine's C++ compiler on construction, about half a minute the first time, then
+            cached); default False. Same values up to rounding. Raises
+            :class:`fxprune.UnsupportedInputError` when the kernels cannot be built.
 
     Units: ``lr``, ``weight_decay``, ``lmbda`` are per step and unitless, as in
     ``torch.optim``; steps are optimizer steps (not epochs).
@@ -174,6 +180,7 @@ class DHSPG(torch.optim.Optimizer):
         projection_schedule: str = "linear",
         partition: str = "uniform",
         params: Optional[Iterable] = None,
+        fused: bool = False,
     ) -> None:
         if variant not in _VARIANTS:
             raise ValueError(f"variant must be one of {_VARIANTS}, got {variant!r}")
@@ -214,6 +221,9 @@ class DHSPG(torch.optim.Optimizer):
         self.projection_schedule = projection_schedule
         self.partition = partition
         self.program = prog
+        self.fused = bool(fused)
+        if self.fused:
+            _fused.kernels()  # build now: a missing compiler fails here, not mid-training
 
         module = prog.module
         if params is None:
@@ -330,16 +340,28 @@ class DHSPG(torch.optim.Optimizer):
         directions: Dict[int, Tuple[torch.Tensor, torch.Tensor, float, float, float]] = {}
         row_stats: List[Optional[Tuple[torch.Tensor, ...]]] = [None] * len(L.entries)
         for group in self.param_groups:
+            batched = []  # fused: 1-d parameters whose momentum step is one _foreach call
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("DHSPG does not support sparse gradients")
                 keep_d = id(p) in need_param
-                out = self._direction(p, group, keep_d)
+                if keep_d and self.fused:
+                    if p.dim() == 1 and self._momentum_buffer(p, group) is not None:
+                        batched.append(p)
+                        continue
+                    out = self._fused_direction(p, group, need_entry, row_stats)
+                else:
+                    out = None
+                if out is None:
+                    out = self._direction(p, group, keep_d)
+                    if keep_d:
+                        self._matrix_row_stats(p, out[0], need_entry, row_stats)
                 if keep_d:
                     directions[id(p)] = (p,) + out + (group["lr"],)
-                    self._matrix_row_stats(p, out[0], need_entry, row_stats)
+            for p, buf in zip(batched, self._foreach_momentum(batched, group)):
+                directions[id(p)] = (p, buf, 1.0, 0.0, group["lr"])
 
         # 2. channel math of the pruning phase: per-row scales of the kept parameters.
         scales: Dict[int, List[Tuple[int, torch.Tensor]]] = {}
@@ -347,14 +369,7 @@ class DHSPG(torch.optim.Optimizer):
             scales = self._pruning_math(t, need_entry, directions, row_stats)
 
         # 3. updates that waited for the channel math: x <- s * x - lr * d.
-        for pid, (p, d_raw, a, b, lr) in directions.items():
-            rows = scales.get(pid)
-            if rows:
-                for _, s in rows:
-                    p.mul_(s)
-            elif b != 0.0:
-                p.mul_(1.0 - lr * b)
-            p.add_(d_raw, alpha=-lr * a)
+        self._update(directions, scales)
 
         # 4. projected channels stay exactly zero, in the parameters and their state.
         self._enforce_zeros()
@@ -418,6 +433,74 @@ class DHSPG(torch.optim.Optimizer):
         d_raw = torch.div(m, denom, out=denom)
         return d_raw, 1.0 / bc1, (wd if decoupled else 0.0)
 
+    def _update(self, directions, scales: Dict[int, List[Tuple[int, torch.Tensor]]]) -> None:
+        """``x <- s * x - lr * a * d_raw`` for every kept direction (``s`` the per-row scales of
+        the channel math, or ``1 - lr * b``). With ``fused`` the matrices take the fused kernel
+        and the 1-d parameters a few ``_foreach`` calls, grouped by coefficient."""
+        vectors: Dict[float, Tuple[list, list, list]] = {}
+        for pid, (p, d_raw, a, b, lr) in directions.items():
+            rows = scales.get(pid)
+            if self.fused:
+                if p.dim() == 1 and b == 0.0 and len(rows or ()) <= 1:
+                    ps, ds, ss = vectors.setdefault(lr * a, ([], [], []))
+                    ps.append(p)
+                    ds.append(d_raw)
+                    ss.append(rows[0][1] if rows else None)
+                    continue
+                if rows and len(rows) == 1 and _fused.scale_sub_(p, d_raw, rows[0][1], lr * a, rows[0][0]):
+                    continue
+            if rows:
+                for _, s in rows:
+                    p.mul_(s)
+            elif b != 0.0:
+                p.mul_(1.0 - lr * b)
+            p.add_(d_raw, alpha=-lr * a)
+        for c, (ps, ds, ss) in vectors.items():
+            scaled = [(p, s) for p, s in zip(ps, ss) if s is not None]
+            if scaled:
+                torch._foreach_mul_([p for p, _ in scaled], [s for _, s in scaled])
+            torch._foreach_add_(ps, ds, alpha=-c)
+
+    def _momentum_buffer(self, p: torch.Tensor, group: Dict[str, Any]) -> Optional[torch.Tensor]:
+        """The SGD momentum buffer of ``p`` when its next step is a plain momentum step (not the
+        first, not Nesterov), else None."""
+        if self.variant != "sgd" or group["nesterov"] or group["momentum"] == 0.0:
+            return None
+        return self.state[p].get("momentum_buffer")
+
+    def _foreach_momentum(self, ps: List[torch.Tensor], group: Dict[str, Any]) -> List[torch.Tensor]:
+        """``buf <- grad + weight_decay * x + momentum * buf`` of several parameters at once;
+        returns their buffers (the directions)."""
+        if not ps:
+            return []
+        grads = [p.grad for p in ps]
+        if group["weight_decay"] != 0.0:
+            grads = torch._foreach_add(grads, ps, alpha=group["weight_decay"])
+        bufs = [self.state[p]["momentum_buffer"] for p in ps]
+        torch._foreach_mul_(bufs, group["momentum"])
+        torch._foreach_add_(bufs, grads)
+        return bufs
+
+    def _fused_direction(self, p: torch.Tensor, group: Dict[str, Any], need_entry: List[bool],
+                         out: List[Optional[Tuple[torch.Tensor, ...]]]):
+        """:meth:`_direction` and :meth:`_matrix_row_stats` in one pass over memory (SGD with
+        momentum whose needed entries are all rows of dim 0, see :mod:`._fused`): returns
+        ``(d_raw, a, b)`` with the rows stored in ``out``, or None (nothing done)."""
+        buf = self._momentum_buffer(p, group)
+        if buf is None:
+            return None
+        needed = [i for i in self._param_entries.get(id(p), ()) if need_entry[i]]
+        L = self._layout
+        if not needed or any(L.entries[i].vector or L.entries[i].dim != 0 for i in needed):
+            return None
+        stats = _fused.momentum_row_stats(p.detach(), p.grad, buf, group["momentum"], group["weight_decay"],
+                                          p.shape[0])
+        if stats is None:
+            return None
+        for i in needed:
+            out[i] = stats
+        return buf, 1.0, 0.0
+
     def _scratch_for(self, x: torch.Tensor) -> torch.Tensor:
         """A buffer for ``x * d`` reused across steps (grown to the largest parameter)."""
         s = self._scratch
@@ -455,6 +538,10 @@ class DHSPG(torch.optim.Optimizer):
         for i in self._param_entries.get(id(p), ()):
             e = L.entries[i]
             if need_entry[i] and not e.vector:
+                if self.fused:
+                    out[i] = _fused.row_stats(x, d_raw, e.dim, e.size)
+                    if out[i] is not None:
+                        continue
                 # row_dot writes products only for half precision (see its docstring)
                 scratch = None if x.dtype == acc_dtype(x) else self._scratch_for(x)
                 out[i] = (row_norm(x, e.dim, e.size),
