@@ -96,13 +96,17 @@ def hf_config(model: torch.nn.Module, slim: torch.nn.Module, fields: Optional[It
         An :class:`HFConfig`; ``.config`` is None when the slim shapes are not expressible.
 
     Raises:
-        fxprune.UnsupportedInputError: transformers is missing or ``model`` holds no single
-            outermost HuggingFace model.
+        fxprune.UnsupportedInputError: transformers is missing, ``model`` holds no single
+            outermost HuggingFace model, or its class cannot be built from its config.
     """
     prefix, hf = _find_hf(model)
     cfg = hf.config
     slim_shapes = {k[len(prefix):]: tuple(v.shape) for k, v in slim.state_dict().items() if k.startswith(prefix)}
-    base = _meta_shapes(hf, cfg)
+    try:
+        base = _meta_shapes(hf, cfg)
+    except Exception as exc:
+        raise UnsupportedInputError(f"{type(hf).__name__}(config) cannot be rebuilt from its config on the meta "
+                                    f"device: {type(exc).__name__}: {exc}") from exc
     present = cfg.to_dict()
     names = [f for f in (fields if fields is not None else WIDTH_FIELDS) if f in present]
 

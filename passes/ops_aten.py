@@ -9,12 +9,11 @@ whose constant bounds the rewrite recomputes (``aten.slice``, ``aten.select``, `
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import ops_attention, ops_einsum  # noqa: F401  (entries aliased below)
-from .channels import ZERO, TensorChannels, Track, norm_dim, state_const_map
+from .channels import TensorChannels, norm_dim
 from .ops_nn import (_dim0, conv_channels, embedding_channels, functional_norm_channels, layernorm_channels,
                      rewrite_conv_groups_arg)
 from .ops_tensor import _pieces, elementwise_channels, index_channels, matmul_channels
