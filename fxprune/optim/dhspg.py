@@ -26,6 +26,11 @@ _REFERENCE_DEFAULTS = {"sgd": (1e-3, 2.0, 10.0), "adam": (1e-2, 20.0, 1e3), "ada
 _TINY = 1e-30
 
 
+def _split_like(flat: torch.Tensor, parts: List[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    """``flat`` (a concatenation of ``parts``) cut back into pieces of their sizes (views)."""
+    return torch.split(flat, [t.numel() for t in parts])
+
+
 class DHSPG(torch.optim.Optimizer):
     r"""Dual Half-Space Projected Gradient (OTOv2, Chen et al., ICLR 2023, Sec. 4, Alg. 2).
 
@@ -585,11 +590,14 @@ class DHSPG(torch.optim.Optimizer):
             # a matrix entry without a kept direction: only ||x||
             nx[i] = row_norm(x, e.dim, e.size)
             xd[i] = nd[i] = z
+        # vector entries (a BatchNorm's weight and bias: many small tensors) in one op each on
+        # their concatenation: per-tensor kernels would cost more than the arithmetic
         if vx:
-            for i, v in zip(vx_i, torch._foreach_abs(vx)):
+            for i, v in zip(vx_i, _split_like(torch.cat(vx).abs_(), vx)):
                 nx[i] = v
         if vdx:
-            for i, v, w in zip(vd_i, torch._foreach_mul(vdx, vdd), torch._foreach_abs(vdd)):
+            cx, cd = torch.cat(vdx), torch.cat(vdd)
+            for i, v, w in zip(vd_i, _split_like(cx.mul_(cd), vdx), _split_like(cd.abs_(), vdd)):
                 xd[i] = v
                 nd[i] = w
         out = []
