@@ -8,7 +8,8 @@ then an add); these kernels do the momentum and the reductions in one pass and t
 another, which is what the step is bound by.
 
 They are C++ (``torch.utils.cpp_extension.load_inline``), built on first use with the
-machine's C++ compiler (about half a minute, then cached in torch's extension directory),
+machine's C++ compiler and ninja (``pip install 'fxprune[fused]'``; about half a minute, then
+cached in torch's extension directory),
 for contiguous float32/float64 CPU tensors whose rows are their dim 0. Anything else takes
 the stock path, which gives the same values up to rounding (the kernels accumulate each row
 in float64).
@@ -133,8 +134,8 @@ def kernels():
         return load_inline(name, cpp_sources=_SOURCE, functions=["row_stats", "momentum_row_stats", "scale_sub_"],
                            extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # compiler missing or failing: say so, with the cause
-        raise UnsupportedInputError(f"DHSPG(fused=True) needs a C++ compiler to build its CPU kernels: "
-                                    f"{type(exc).__name__}: {exc}") from exc
+        raise UnsupportedInputError(f"DHSPG(fused=True) needs a C++ compiler and ninja (pip install "
+                                    f"'fxprune[fused]') to build its CPU kernels: {type(exc).__name__}: {exc}") from exc
 
 
 def _rows(t: torch.Tensor, dim: int, size: int) -> Optional[torch.Tensor]:
