@@ -724,12 +724,13 @@ class DHSPG(torch.optim.Optimizer):
         if bool(shrink.any()):
             c = torch.where(shrink, lam / safe_nx, torch.zeros_like(lam))
             c_rows = L.to_rows(c, 0.0)
-            has = L.entry_any(c_rows != 0)
             s_rows = 1.0 - alpha * c_rows
             parts = L.split_rows(s_rows)
+            # every entry holding an active channel takes its scales (1 exactly where nothing
+            # shrinks this step: x * 1 == x), which spares a search for the shrinking ones
             for i, e in enumerate(L.entries):
                 kept = directions.get(id(e.param))
-                if has[i] and kept is not None:
+                if need_entry[i] and kept is not None:
                     s = parts[i]
                     scales.setdefault(id(e.param), []).append((e.dim, s))
             # Fold the decoupled decay (b != 0) into the first scale of each parameter.
