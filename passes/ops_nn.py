@@ -204,7 +204,8 @@ register_function(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, na
 
 def linear_channels(ctx, x: TensorChannels, w_out: Optional[Track], w_in: Optional[Track],
                     bias: Optional[Track], out_shape) -> TensorChannels:
-    ctx.consume(x.dims[-1], w_in, f"the input features of {ctx.node.name}", fold=ctx.fold_site(x.dims[-1], w_in, bias, -1))
+    ctx.consume(x.dims[-1], w_in, f"the input features of {ctx.node.name}",
+                fold=ctx.fold_site(x.dims[-1], w_in, bias, -1))
     out = Track(w_out.units, np.full(len(w_out), ZERO, np.int8)) if w_out is not None else None
     if bias is not None:
         ctx.unify(out, bias)
