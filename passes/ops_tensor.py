@@ -31,6 +31,10 @@ def _tc(ctx, v) -> Optional[TensorChannels]:
 # ============================================================================ elementwise
 
 
+# the state of a dim a parameter broadcasts over: one data-independent value per position
+BROADCAST_CONST = "broadcast-const"
+
+
 def elementwise_channels(ctx, operands: Sequence[Any], kind: str) -> TensorChannels:
     """Broadcasting elementwise op over tensors and scalars.
 
@@ -72,10 +76,6 @@ def elementwise_channels(ctx, operands: Sequence[Any], kind: str) -> TensorChann
         ctx.unify(*full)
         dims.append(Track(full[0].units, _combine_states(ctx, kind, states, scalars, operands, tcs, size)))
     return TensorChannels(tuple(out_shape), dims)
-
-
-# the state of a dim a parameter broadcasts over: one data-independent value per position
-BROADCAST_CONST = "broadcast-const"
 
 
 def _combine_states(ctx, kind, states, scalars, operands, tcs, size) -> np.ndarray:

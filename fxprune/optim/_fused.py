@@ -172,7 +172,8 @@ def momentum_row_stats(x: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, m
 def scale_sub_(x: torch.Tensor, d: torch.Tensor, s: torch.Tensor, c: float, dim: int) -> bool:
     """``x <- s * x - c * d`` with ``s`` one scale per row along ``dim``; False (nothing done)
     where the kernel does not apply."""
-    x2, d2 = _rows(x, dim, x.shape[dim] if x.dim() else 0), _rows(d, dim, x.shape[dim] if x.dim() else 0)
+    size = x.shape[dim] if x.dim() else 0
+    x2, d2 = _rows(x, dim, size), _rows(d, dim, size)
     if x2 is None or d2 is None or d.dtype != x.dtype:
         return False
     s = s.reshape(-1)
