@@ -5,10 +5,12 @@ compiled with ``fxprune.compile`` at 1x3x64x64 (and once more with ``mode="erase
 H2SPG), with fixed random gradients. Rows:
 
 * ``torch SGD``      ``torch.optim.SGD(momentum=0.9)`` (default implementation for the device)
-* ``DHSPG sgd plain`` DHSPG, SGD variant, outside the pruning phase (plain steps only)
+* ``DHSPG sgd plain`` DHSPG, SGD variant, outside the pruning phase (plain steps only), with
+  its defaults (on the CPU: the fused kernels of :mod:`fxprune.optim._fused`)
 * ``DHSPG sgd pruning`` DHSPG, SGD variant, inside the pruning phase with the redundant set
   chosen (``target_group_sparsity=0.5``): per-channel norms, inner products, adaptive lambda,
   half-space test, group-lasso shrink and zero enforcement every step
+* ``DHSPG sgd pruning stock``: the same with ``fused=False`` (stock torch ops only)
 * ``H2SPG sgd warm-up`` H2SPG (OTOv3, erase mode: ResNet-50's erasable residual blocks are the
   groups), SGD variant, before the partition: DHSPG's step plus the redundancy score of every
   erasable operator, averaged every step
@@ -24,10 +26,9 @@ H2SPG), with fixed random gradients. Rows:
   and takes its AdamW step; then the proximal step on the channels the controller's current
   mask switches off (few, this early in a run)
 * ``torch AdamW``    ``torch.optim.AdamW``
-* ``DHSPG sgd pruning fused``: the same with ``fused=True`` (row reductions and the row-scaled
-  update in two C++ kernels, :mod:`fxprune.optim._fused`)
-* ``DHSPG adamw plain`` / ``DHSPG adamw pruning`` / ``DHSPG adamw pruning fused``: the same
-  for the AdamW variant
+* ``DHSPG adamw plain`` / ``DHSPG adamw pruning`` / ``DHSPG adamw pruning stock``: the same
+  for the AdamW variant (whose Adam direction takes stock ops; the kernels do its row
+  reductions and row-scaled update)
 
 Each round takes one step of every optimizer in turn (so that machine load affects them
 alike); the table reports the median over rounds, in milliseconds, of wall time and of
@@ -125,31 +126,26 @@ def main(argv=None) -> dict:
     lr = 1e-6
     far = 10 ** 9
     ato = ato_steps(model, prog, args.side, lr, far)
+    pruning = dict(target_group_sparsity=0.5, start_pruning_step=0, pruning_steps=far)
     opts = {
         "torch SGD": torch.optim.SGD(params, lr=lr, momentum=0.9),
         "DHSPG sgd plain": DHSPG(prog, lr=lr, variant="sgd", momentum=0.9,
                                  target_group_sparsity=0.5, start_pruning_step=far),
-        "DHSPG sgd pruning": DHSPG(prog, lr=lr, variant="sgd", momentum=0.9,
-                                   target_group_sparsity=0.5, start_pruning_step=0,
-                                   pruning_steps=far),
-        "DHSPG sgd pruning fused": DHSPG(prog, lr=lr, variant="sgd", momentum=0.9,
-                                         target_group_sparsity=0.5, start_pruning_step=0,
-                                         pruning_steps=far, fused=True),
+        "DHSPG sgd pruning": DHSPG(prog, lr=lr, variant="sgd", momentum=0.9, **pruning),
+        "DHSPG sgd pruning stock": DHSPG(prog, lr=lr, variant="sgd", momentum=0.9, fused=False, **pruning),
         "H2SPG sgd warm-up": H2SPG(prog_erase, lr=lr, variant="sgd", momentum=0.9,
                                    target_group_sparsity=0.5, start_pruning_step=far),
-        "H2SPG sgd pruning": H2SPG(prog_erase, lr=lr, variant="sgd", momentum=0.9,
-                                   target_group_sparsity=0.5, start_pruning_step=0,
-                                   pruning_steps=far),
+        "H2SPG sgd pruning": H2SPG(prog_erase, lr=lr, variant="sgd", momentum=0.9, **pruning),
         "torch AdamW": torch.optim.AdamW(params, lr=lr, weight_decay=1e-2),
         "DHSPG adamw plain": DHSPG(prog, lr=lr, variant="adamw", weight_decay=1e-2,
                                    target_group_sparsity=0.5, start_pruning_step=far),
-        "DHSPG adamw pruning": DHSPG(prog, lr=lr, variant="adamw", weight_decay=1e-2,
-                                     target_group_sparsity=0.5, start_pruning_step=0,
-                                     pruning_steps=far),
-        "DHSPG adamw pruning fused": DHSPG(prog, lr=lr, variant="adamw", weight_decay=1e-2,
-                                           target_group_sparsity=0.5, start_pruning_step=0,
-                                           pruning_steps=far, fused=True),
+        "DHSPG adamw pruning": DHSPG(prog, lr=lr, variant="adamw", weight_decay=1e-2, **pruning),
+        "DHSPG adamw pruning stock": DHSPG(prog, lr=lr, variant="adamw", weight_decay=1e-2, fused=False,
+                                           **pruning),
     }
+    for name, o in opts.items():
+        if isinstance(o, DHSPG):
+            assert o.fused == ("stock" not in name), (name, o.fused)
     steps = {name: o.step for name, o in opts.items()}
     steps.update(ato["steps"])
     order = [n for n in steps if "adamw" not in n.lower()] + [n for n in steps if "adamw" in n.lower()]
@@ -158,7 +154,7 @@ def main(argv=None) -> dict:
     baseline = {name: "torch AdamW" if "adamw" in name.lower() else "torch SGD" for name in steps}
     with torch.no_grad():
         timing = interleaved(steps, args.rounds, args.warmup)
-    for name in ("DHSPG sgd pruning", "DHSPG sgd pruning fused", "DHSPG adamw pruning", "DHSPG adamw pruning fused"):
+    for name in ("DHSPG sgd pruning", "DHSPG sgd pruning stock", "DHSPG adamw pruning", "DHSPG adamw pruning stock"):
         m = opts[name].metrics()
         assert m["redundant_channels"] == m["target_channels"] > 0, m
     h2 = opts["H2SPG sgd pruning"].metrics()

@@ -65,6 +65,25 @@ class MLP(nn.Module):
         return self.l3(torch.tanh(self.l2(F.relu(self.l1(x)))))
 
 
+class Mixed(nn.Module):
+    """Parameters the fused kernels do not take whole: ``x @ w`` (channels along dim 1 of ``w``),
+    a transposed convolution (out channels along dim 1), 1-d bias and layer scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(20, 24) * 0.2)
+        self.b = nn.Parameter(torch.zeros(24))
+        self.gamma = nn.Parameter(torch.ones(24))
+        self.up = nn.ConvTranspose1d(1, 6, 3, padding=1)
+        self.l2 = nn.Linear(30, 16)
+        self.l3 = nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = F.relu(x @ self.w + self.b) * self.gamma
+        u = F.relu(self.up(x[:, None, :])).mean(2)
+        return self.l3(F.relu(self.l2(torch.cat([h, u], 1))))
+
+
 def _resnet18():
     return torchvision.models.resnet18(num_classes=10)
 
@@ -73,6 +92,7 @@ MODELS = {
     # name: (factory, input shape, classes, batch)
     "convnet": (ConvNet, (3, 8, 8), 10, 4),
     "mlp": (MLP, (20,), 5, 8),
+    "mixed": (Mixed, (20,), 5, 8),
     "resnet18": (_resnet18, (3, 32, 32), 10, 2),
 }
 
@@ -344,18 +364,21 @@ def test_matches_channelwise_reference(epsilon, partition, target, fused):
 @pytest.mark.parametrize("variant,kw", [("sgd", {}), ("sgd", {"weight_decay": 1e-3}),
                                         ("sgd", {"nesterov": True}), ("adamw", {"weight_decay": 1e-2})],
                          ids=["sgd", "sgd-wd", "sgd-nesterov", "adamw"])
-def test_fused_kernels_match_the_stock_step(variant, kw):
-    """``fused=True`` (C++ row reductions, momentum and update; _foreach for 1-d parameters)
-    takes the same steps as the stock path on a ResNet-18, projections included (float64: the
-    two paths round differently, and this toy training amplifies rounding about 1000-fold per
-    step, so the run stops when the target is reached)."""
+@pytest.mark.parametrize("name", ["resnet18", "mixed"])
+def test_fused_kernels_match_the_stock_step(name, variant, kw):
+    """``fused=True`` (C++ momentum, row reductions and update; the stock path for what the
+    kernels do not take: Nesterov, Adam, channels along dim 1) takes the same steps as
+    ``fused=False``, projections included (float64: the two paths round differently, and this
+    toy training amplifies rounding about 1000-fold per step, so the run stops when the target
+    is reached)."""
     runs = []
     for fused in (False, True):
-        model, prog = make("resnet18", dtype=torch.float64)
+        model, prog = make(name, dtype=torch.float64)
         opt = DHSPG(prog, lr=0.05, variant=variant, target_group_sparsity=0.5, start_pruning_step=1,
                     pruning_steps=3, epsilon=0.5, fused=fused, **kw)
+        assert opt.fused is fused
         for t in range(4):
-            train_step(model, opt, "resnet18", t, torch.float64)
+            train_step(model, opt, name, t, torch.float64)
         runs.append((model, opt))
     (a, oa), (b, ob) = runs
     assert torch.equal(oa.redundant, ob.redundant) and torch.equal(oa.projected, ob.projected)
@@ -364,21 +387,93 @@ def test_fused_kernels_match_the_stock_step(variant, kw):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6, msg=n)
 
 
-def test_fused_without_a_compiler_says_so(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_kernels_match_torch_ops(dtype):
+    """The kernels themselves, on tensors of several ranks and row lengths (a 100000-row
+    tensor spans several parallel work items): momentum, row sums, deferred rows, scaled update."""
+    from fxprune.optim import _fused
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(64, 3, 3, 3), (256,), (5, 7), (100000, 1), (3, 2000)]
+    xs = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+    gs = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+    bufs = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+    starts = [0, 64, -1, 330, 100330]  # the third has no rows in the flat space
+    R = 100333
+    defer = torch.rand(R, generator=gen) < 0.5
+    stats = torch.zeros(3, R, dtype=dtype)
+    x1, b1 = [x.clone() for x in xs], [b.clone() for b in bufs]
+    _fused.sgd_step(x1, gs, b1, starts, 0.9, 1e-3, 0.1, defer, stats)
+    scales = torch.rand(R, generator=gen, dtype=dtype)
+    x2 = [x.clone() for x in x1]
+    rows = [i for i, s in enumerate(starts) if s >= 0]
+    _fused.scale_sub_([x2[i] for i in rows], [b1[i] for i in rows], [starts[i] for i in rows], 0.1, scales, defer)
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else {}
+    for i, (x, g, b) in enumerate(zip(xs, gs, bufs)):
+        d = g + 1e-3 * x + 0.9 * b
+        torch.testing.assert_close(b1[i], d, **tol)
+        stepped = x - 0.1 * d
+        if starts[i] < 0:
+            torch.testing.assert_close(x1[i], stepped, **tol)
+            continue
+        n, s = x.shape[0], starts[i]
+        view = (n,) + (1,) * (x.dim() - 1)
+        held = defer[s:s + n].view(view)
+        torch.testing.assert_close(x1[i], torch.where(held, x, stepped), **tol)
+        torch.testing.assert_close(x2[i], torch.where(held, scales[s:s + n].view(view) * x - 0.1 * d, stepped), **tol)
+        x64, d64 = x.double().reshape(n, -1), d.double().reshape(n, -1)
+        want = torch.stack([(x64 * x64).sum(1), (x64 * d64).sum(1), (d64 * d64).sum(1)]).to(dtype)
+        torch.testing.assert_close(stats[:, s:s + n], want, **tol)
+    assert not stats[:, 320:330].any()  # rows of no tensor stay untouched
+    one = torch.zeros(3, 10, dtype=dtype)
+    _fused.row_stats(xs[2], bufs[2], one, 3)
+    a, c = xs[2].double(), bufs[2].double()
+    torch.testing.assert_close(one[:, 3:8], torch.stack([(a * a).sum(1), (a * c).sum(1), (c * c).sum(1)]).to(dtype))
+
+
+@pytest.fixture
+def no_compiler(monkeypatch):
+    """``torch.utils.cpp_extension.load`` failing as on a machine without a C++ compiler."""
     from torch.utils import cpp_extension
 
     from fxprune.optim import _fused
 
-    def no_compiler(*args, **kwargs):
+    def load(*args, **kwargs):
         raise RuntimeError("g++: command not found")
 
     _fused.kernels.cache_clear()
-    monkeypatch.setattr(cpp_extension, "load_inline", no_compiler)
-    try:
-        with pytest.raises(fxprune.UnsupportedInputError, match="C\\+\\+ compiler.*g\\+\\+: command not found"):
-            DHSPG(make("mlp")[1], lr=0.1, fused=True)
-    finally:
-        _fused.kernels.cache_clear()
+    monkeypatch.setattr(cpp_extension, "load", load)
+    yield
+    _fused.kernels.cache_clear()
+
+
+def test_fused_without_a_compiler_says_so(no_compiler):
+    with pytest.raises(fxprune.UnsupportedInputError, match="C\\+\\+ compiler.*g\\+\\+: command not found"):
+        DHSPG(make("mlp")[1], lr=0.1, fused=True)
+
+
+def test_default_falls_back_to_the_stock_step_without_a_compiler(no_compiler):
+    """``fused=None`` (the default) takes the stock path, with a warning naming the cause, and
+    trains as ``fused=False`` does."""
+    runs = []
+    for fused in (None, False):
+        model, prog = make("convnet", dtype=torch.float64)
+        if fused is None:
+            with pytest.warns(UserWarning, match="g\\+\\+: command not found.*stock step"):
+                opt = DHSPG(prog, lr=0.05, target_group_sparsity=0.5, start_pruning_step=1, pruning_steps=2)
+        else:
+            opt = DHSPG(prog, lr=0.05, target_group_sparsity=0.5, start_pruning_step=1, pruning_steps=2,
+                        fused=False)
+        assert opt.fused is False
+        for t in range(4):
+            train_step(model, opt, "convnet", t, torch.float64)
+        runs.append(model)
+    for (n, a), b in zip(runs[0].named_parameters(), runs[1].parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_default_is_fused_on_the_cpu():
+    assert DHSPG(make("mlp")[1], lr=0.1).fused is True
 
 
 # --------------------------------------------------------------------------- checkpointing

@@ -169,6 +169,8 @@ class ChannelLayout:
         #: ``LongTensor[R]``: channel of each flat row, ``C`` (a sentinel slot) where none.
         self.row_chan_ext = torch.where(flat >= 0, flat, torch.full_like(flat, C))
         valid = flat >= 0
+        #: ``BoolTensor[R]``: whether each flat row belongs to a channel.
+        self.row_has_channel = valid
         self.all_rows_valid = bool(valid.all())
         #: ``LongTensor[V]``: flat rows that belong to a channel, and their channels.
         self.valid_rows = torch.nonzero(valid).reshape(-1)
@@ -193,13 +195,9 @@ class ChannelLayout:
                           device=rows.device)
         return out.index_add_(0, self.valid_chan, rows)
 
-    def channel_sums(self, rows: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Sum ``k`` flat per-row tensors ``[R]`` into channels at once: ``[k, C]``.
-
-        Same sums as ``k`` calls of :meth:`channel_sum`, in the same order; the rows are
-        stacked along a new leading dim so that the stack and the ``index_add_`` along the
-        row dim run over contiguous memory."""
-        rows = torch.stack(list(rows))
+    def channel_sums(self, rows: torch.Tensor) -> torch.Tensor:
+        """Sum ``k`` flat per-row vectors, the rows of ``rows: [k, R]``, into channels at once:
+        ``[k, C]``. Same sums as ``k`` calls of :meth:`channel_sum`, in the same order."""
         if not self.all_rows_valid:
             rows = rows.index_select(1, self.valid_rows)
         out = torch.zeros((rows.shape[0], self.num_channels), dtype=rows.dtype, device=rows.device)

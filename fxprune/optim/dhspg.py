@@ -26,11 +26,6 @@ _REFERENCE_DEFAULTS = {"sgd": (1e-3, 2.0, 10.0), "adam": (1e-2, 20.0, 1e3), "ada
 _TINY = 1e-30
 
 
-def _split_like(flat: torch.Tensor, parts: List[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
-    """``flat`` (a concatenation of ``parts``) cut back into pieces of their sizes (views)."""
-    return torch.split(flat, [t.numel() for t in parts])
-
-
 class DHSPG(torch.optim.Optimizer):
     r"""Dual Half-Space Projected Gradient (OTOv2, Chen et al., ICLR 2023, Sec. 4, Alg. 2).
 
@@ -129,11 +124,16 @@ class DHSPG(torch.optim.Optimizer):
             above.
         params: optional iterable of parameters or parameter-group dicts, as for any
             ``torch.optim.Optimizer``; default every trainable parameter of ``prog.module``.
-        fused: take the pruning-phase row reductions and update of contiguous float32/64 CPU
-            parameters in two fused C++ kernels (:mod:`fxprune.optim._fused`, built with the
-            machine's C++ compiler on construction, about half a minute the first time, then
-            cached); default False. Same values up to rounding. Raises
-            :class:`fxprune.UnsupportedInputError` when the kernels cannot be built.
+        fused: take the steps of contiguous float32/float64 CPU parameters through fused C++
+            kernels (:mod:`fxprune.optim._fused`): SGD's momentum step, the pruning phase's row
+            reductions and the update in one pass over memory, the row-scaled update of the
+            redundant rows in a second pass over those rows only. ``None`` (default): when every
+            parameter is on the CPU and the kernels can be built (a C++ compiler and ninja:
+            ``pip install 'fxprune[fused]'``; about 15 s the first time on a machine, then
+            cached), else the stock path, with a warning saying why. ``True``: always, raising
+            :class:`fxprune.UnsupportedInputError` when the kernels cannot be built. ``False``:
+            the stock ``torch`` ops. Both paths take the same steps up to rounding; the
+            attribute ``fused`` says which one runs.
 
     Units: ``lr``, ``weight_decay``, ``lmbda`` are per step and unitless, as in
     ``torch.optim``; steps are optimizer steps (not epochs).
@@ -147,12 +147,14 @@ class DHSPG(torch.optim.Optimizer):
     needs to continue bit for bit (step counter, partition, projected set, optimizer state;
     the checkpoint's DHSPG settings win over the constructor's on load).
 
-    Cost: outside the pruning phase a step costs what the base optimizer's step costs. A
-    pruning-phase step adds, per parameter holding redundant channels, three row reductions
-    (``||x||``, ``<x, d>``, ``||d||`` over every dim but the channel dim; the inner product
-    as one batched matmul, so four reads of parameter memory in all, taken right after the
-    parameter's direction) and one row scaling (one more pass); the channel math itself is
-    a few vector ops over ``[C]`` (see ``benchmarks/optimizer_step.py``).
+    Cost: with the fused kernels (the default on the CPU) a step streams each parameter once,
+    as SGD does: momentum, update and, in the pruning phase, the three row reductions
+    (``||x||^2``, ``<x, d>``, ``||d||^2`` over every dim but the channel dim) in one pass. Only
+    the rows of redundant channels not yet projected wait for the channel math and take a
+    second pass, ``x <- s_r x - lr d``. The channel math is a few vector ops over the ``[C]``
+    channels and ``[R]`` rows. The stock path takes the direction, then the reductions (four
+    reads of parameter memory: two norms and a batched matmul), then a row scaling and an add.
+    ``benchmarks/optimizer_step.py`` measures both against ``torch.optim.SGD``.
 
     Example::
 
@@ -185,7 +187,7 @@ class DHSPG(torch.optim.Optimizer):
         projection_schedule: str = "linear",
         partition: str = "uniform",
         params: Optional[Iterable] = None,
-        fused: bool = False,
+        fused: Optional[bool] = None,
     ) -> None:
         if variant not in _VARIANTS:
             raise ValueError(f"variant must be one of {_VARIANTS}, got {variant!r}")
@@ -226,15 +228,19 @@ class DHSPG(torch.optim.Optimizer):
         self.projection_schedule = projection_schedule
         self.partition = partition
         self.program = prog
-        self.fused = bool(fused)
-        if self.fused:
-            _fused.kernels()  # build now: a missing compiler fails here, not mid-training
 
         module = prog.module
         if params is None:
             # Named, so that param_groups carry "param_names" (torch.optim's own field).
             params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         super().__init__(params, defaults)
+        if fused is None:  # the kernels where they apply and can be built, else the stock step
+            on_cpu = all(p.device.type == "cpu" for g in self.param_groups for p in g["params"])
+            fused = on_cpu and _fused.available()
+        elif fused:
+            _fused.kernels()  # build now: a missing compiler fails here, not mid-training
+        #: whether steps take the fused CPU kernels (see the ``fused`` argument)
+        self.fused = bool(fused)
 
         layout = ChannelLayout(module, prog.groups)
         self._layout = layout
@@ -262,14 +268,18 @@ class DHSPG(torch.optim.Optimizer):
         }
         self._zero_rows_cache: Optional[List[Tuple[torch.Tensor, int, torch.Tensor]]] = None
         self._coef_key: Optional[tuple] = None
-        self._coef: Tuple[torch.Tensor, ...] = ()
+        self._coef: Tuple[Any, ...] = ()
+        self._vector_rows: Tuple[tuple, Optional[torch.Tensor]] = ((), None)
         self._scratch: Optional[torch.Tensor] = None  # row_dot products (half precision only)
-        self._zero_rows = torch.zeros(max(layout.entry_sizes, default=0), dtype=self._acc,
-                                      device=dev)
         #: id(parameter) -> indices of its entries in ``layout.entries``
         self._param_entries: Dict[int, List[int]] = {}
         for i, e in enumerate(layout.entries):
             self._param_entries.setdefault(id(e.param), []).append(i)
+        #: id(parameter) -> first flat row of its one entry along dim 0 (fused kernels), or -1
+        self._fused_start: Dict[int, int] = {
+            pid: layout.entries[ix[0]].start if len(ix) == 1 and layout.entries[ix[0]].dim == 0 else -1
+            for pid, ix in self._param_entries.items()}
+        self._step_fused: set = set()  # ids of the parameters the current step gives the kernels
 
     # ------------------------------------------------------------------ properties
     @property
@@ -324,57 +334,63 @@ class DHSPG(torch.optim.Optimizer):
         t = int(dh["step"])
         pruning = self._phase_active(t)
         need_entry: List[bool] = [False] * len(L.entries)
+        defer: Optional[torch.Tensor] = None  # flat rows whose update waits for the channel math
         if pruning:
             if not dh["partitioned"]:
                 need_entry = [True] * len(L.entries)
+                defer = L.row_has_channel
             else:
                 active = dh["redundant"] & ~dh["projected"]
                 if bool(active.any()):
-                    need_entry = L.entry_any(L.to_rows(active, False))
+                    defer = L.to_rows(active, False)
+                    need_entry = L.entry_any(defer)
                 else:
                     pruning = False
+        self._step_fused.clear()
         need_param = set()
         for i, flag in enumerate(need_entry):
             if flag:
                 need_param.add(id(L.entries[i].param))
+        # per flat row: ||x||^2, <x, d_raw>, ||d_raw||^2 of the needed entries (zero elsewhere)
+        stats = torch.zeros(3, L.num_rows, dtype=self._acc, device=L.device) if pruning else None
+        filled = [False] * len(L.entries)
 
-        # 1. base directions; parameters without channel work are updated right away.
-        #    A kept direction is (p, d_raw, a, b, lr) with d = a * d_raw + b * x. The row
-        #    reductions of a kept parameter follow its direction at once, while the freshly
-        #    written direction (and the parameter, for small ones) is still in cache.
+        # 1. base directions; parameters without channel work are updated right away. A kept
+        #    direction is (p, d_raw, a, b, lr) with d = a * d_raw + b * x. The row reductions of
+        #    a kept parameter follow its direction at once, while the freshly written direction
+        #    (and the parameter, for small ones) is still in cache.
         directions: Dict[int, Tuple[torch.Tensor, torch.Tensor, float, float, float]] = {}
-        row_stats: List[Optional[Tuple[torch.Tensor, ...]]] = [None] * len(L.entries)
+        deferred: List[Tuple[list, list, list, float]] = []  # fused: (xs, ds, starts, lr)
         for group in self.param_groups:
-            batched = []  # fused: 1-d parameters whose momentum step is one _foreach call
+            fused: Dict[torch.dtype, list] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("DHSPG does not support sparse gradients")
                 keep_d = id(p) in need_param
-                if keep_d and self.fused:
-                    if p.dim() == 1 and self._momentum_buffer(p, group) is not None:
-                        batched.append(p)
-                        continue
-                    out = self._fused_direction(p, group, need_entry, row_stats)
-                else:
-                    out = None
-                if out is None:
-                    out = self._direction(p, group, keep_d)
-                    if keep_d:
-                        self._matrix_row_stats(p, out[0], need_entry, row_stats)
+                if self.fused and self._fusable(p, group, keep_d):
+                    fused.setdefault(p.dtype, []).append(p)
+                    continue
+                out = self._direction(p, group, keep_d)
                 if keep_d:
                     directions[id(p)] = (p,) + out + (group["lr"],)
-            for p, buf in zip(batched, self._foreach_momentum(batched, group)):
-                directions[id(p)] = (p, buf, 1.0, 0.0, group["lr"])
+                    self._matrix_row_stats(p, out[0], need_entry, stats, filled)
+            for ps in fused.values():
+                deferred.append(self._fused_sgd(ps, group, need_param, defer, stats, filled, directions))
 
         # 2. channel math of the pruning phase: per-row scales of the kept parameters.
         scales: Dict[int, List[Tuple[int, torch.Tensor]]] = {}
+        s_rows = None
         if pruning:
-            scales = self._pruning_math(t, need_entry, directions, row_stats)
+            self._row_stats(need_entry, directions, stats, filled)
+            scales, s_rows = self._pruning_math(t, need_entry, directions, stats)
 
         # 3. updates that waited for the channel math: x <- s * x - lr * d.
         self._update(directions, scales)
+        for xs, ds, starts, lr in deferred:
+            if xs:
+                _fused.scale_sub_(xs, ds, starts, lr, s_rows, defer)
 
         # 4. projected channels stay exactly zero, in the parameters and their state.
         self._enforce_zeros()
@@ -439,11 +455,14 @@ class DHSPG(torch.optim.Optimizer):
         return d_raw, 1.0 / bc1, (wd if decoupled else 0.0)
 
     def _update(self, directions, scales: Dict[int, List[Tuple[int, torch.Tensor]]]) -> None:
-        """``x <- s * x - lr * a * d_raw`` for every kept direction (``s`` the per-row scales of
-        the channel math, or ``1 - lr * b``). With ``fused`` the matrices take the fused kernel
-        and the 1-d parameters a few ``_foreach`` calls, grouped by coefficient."""
+        """``x <- s * x - lr * a * d_raw`` for every kept direction of the stock path (``s`` the
+        per-row scales of the channel math, or ``1 - lr * b``). With ``fused`` the matrices take
+        the row-scaling kernel and the 1-d parameters a few ``_foreach`` calls, grouped by
+        coefficient."""
         vectors: Dict[float, Tuple[list, list, list]] = {}
         for pid, (p, d_raw, a, b, lr) in directions.items():
+            if pid in self._step_fused:
+                continue
             rows = scales.get(pid)
             if self.fused:
                 if p.dim() == 1 and b == 0.0 and len(rows or ()) <= 1:
@@ -452,7 +471,8 @@ class DHSPG(torch.optim.Optimizer):
                     ds.append(d_raw)
                     ss.append(rows[0][1] if rows else None)
                     continue
-                if rows and len(rows) == 1 and _fused.scale_sub_(p, d_raw, rows[0][1], lr * a, rows[0][0]):
+                if rows and len(rows) == 1 and rows[0][0] == 0 and _fused.takes(p, d_raw):
+                    _fused.scale_sub_([p], [d_raw], [0], lr * a, rows[0][1].reshape(-1))
                     continue
             if rows:
                 for _, s in rows:
@@ -466,45 +486,43 @@ class DHSPG(torch.optim.Optimizer):
                 torch._foreach_mul_([p for p, _ in scaled], [s for _, s in scaled])
             torch._foreach_add_(ps, ds, alpha=-c)
 
-    def _momentum_buffer(self, p: torch.Tensor, group: Dict[str, Any]) -> Optional[torch.Tensor]:
-        """The SGD momentum buffer of ``p`` when its next step is a plain momentum step (not the
-        first, not Nesterov), else None."""
+    def _fusable(self, p: torch.Tensor, group: Dict[str, Any], keep_d: bool) -> bool:
+        """Whether ``p``'s step takes the fused SGD kernel (:func:`._fused.sgd_step`): a plain
+        momentum step (not the first, not Nesterov) of tensors the kernel takes, and, when its
+        rows are needed, one entry along dim 0 in the accumulation dtype."""
         if self.variant != "sgd" or group["nesterov"] or group["momentum"] == 0.0:
-            return None
-        return self.state[p].get("momentum_buffer")
+            return False
+        buf = self.state[p].get("momentum_buffer")
+        if buf is None or not _fused.takes(p, p.grad, buf):
+            return False
+        return not keep_d or (self._fused_start.get(id(p), -1) >= 0 and p.dtype == self._acc)
 
-    def _foreach_momentum(self, ps: List[torch.Tensor], group: Dict[str, Any]) -> List[torch.Tensor]:
-        """``buf <- grad + weight_decay * x + momentum * buf`` of several parameters at once;
-        returns their buffers (the directions)."""
-        if not ps:
-            return []
-        grads = [p.grad for p in ps]
-        if group["weight_decay"] != 0.0:
-            grads = torch._foreach_add(grads, ps, alpha=group["weight_decay"])
-        bufs = [self.state[p]["momentum_buffer"] for p in ps]
-        torch._foreach_mul_(bufs, group["momentum"])
-        torch._foreach_add_(bufs, grads)
-        return bufs
-
-    def _fused_direction(self, p: torch.Tensor, group: Dict[str, Any], need_entry: List[bool],
-                         out: List[Optional[Tuple[torch.Tensor, ...]]]):
-        """:meth:`_direction` and :meth:`_matrix_row_stats` in one pass over memory (SGD with
-        momentum whose needed entries are all rows of dim 0, see :mod:`._fused`): returns
-        ``(d_raw, a, b)`` with the rows stored in ``out``, or None (nothing done)."""
-        buf = self._momentum_buffer(p, group)
-        if buf is None:
-            return None
-        needed = [i for i in self._param_entries.get(id(p), ()) if need_entry[i]]
+    def _fused_sgd(self, ps: List[torch.Tensor], group: Dict[str, Any], need_param: set,
+                   defer: Optional[torch.Tensor], stats: Optional[torch.Tensor], filled: List[bool],
+                   directions) -> Tuple[list, list, list, float]:
+        """The momentum steps of ``ps`` (one dtype) in one kernel call. Rows of parameters with
+        channel work write their row sums to ``stats``; those marked in ``defer`` keep their
+        values for the row-scaled update after the channel math. Returns that update's
+        ``(xs, directions, starts, lr)``."""
         L = self._layout
-        if not needed or any(L.entries[i].vector or L.entries[i].dim != 0 for i in needed):
-            return None
-        stats = _fused.momentum_row_stats(p.detach(), p.grad, buf, group["momentum"], group["weight_decay"],
-                                          p.shape[0])
-        if stats is None:
-            return None
-        for i in needed:
-            out[i] = stats
-        return buf, 1.0, 0.0
+        lr = group["lr"]
+        bufs = [self.state[p]["momentum_buffer"] for p in ps]
+        starts, later = [], ([], [], [], lr)
+        for p, buf in zip(ps, bufs):
+            start = -1
+            if id(p) in need_param:
+                i = self._param_entries[id(p)][0]
+                start = L.entries[i].start
+                filled[i] = True
+                directions[id(p)] = (p, buf, 1.0, 0.0, lr)
+                self._step_fused.add(id(p))
+                later[0].append(p)
+                later[1].append(buf)
+                later[2].append(start)
+            starts.append(start)
+        _fused.sgd_step([p.detach() for p in ps], [p.grad for p in ps], bufs, starts, group["momentum"],
+                        group["weight_decay"], lr, defer, stats)
+        return later
 
     def _scratch_for(self, x: torch.Tensor) -> torch.Tensor:
         """A buffer for ``x * d`` reused across steps (grown to the largest parameter)."""
@@ -515,9 +533,10 @@ class DHSPG(torch.optim.Optimizer):
             self._scratch = s
         return s
 
-    def _coef_rows(self, directions) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _coef_rows(self, directions) -> Tuple[Any, Any, Any]:
         """Per-row ``a``, ``b`` (``d = a d_raw + b x``) and step size ``lr`` (0 where not
-        stepped), each ``Tensor[R]``."""
+        stepped), each ``Tensor[R]``, or a float where it is one value over every row (every
+        entry stepped alike: the common case, which spares the row-wise products)."""
         L = self._layout
         a_l, b_l, lr_l = [], [], []
         for e in L.entries:
@@ -529,83 +548,63 @@ class DHSPG(torch.optim.Optimizer):
         key = (tuple(a_l), tuple(b_l), tuple(lr_l))
         if key != self._coef_key:
             vals = torch.tensor([a_l, b_l, lr_l], dtype=self._acc, device=L.device)
-            self._coef = torch.repeat_interleave(vals, L.entry_sizes_t, dim=1).unbind(0)
+            rows = torch.repeat_interleave(vals, L.entry_sizes_t, dim=1).unbind(0)
+            self._coef = tuple(v[0] if len(set(v)) == 1 else r for v, r in zip(key, rows))
             self._coef_key = key
         return self._coef
 
     def _matrix_row_stats(self, p: torch.Tensor, d_raw: torch.Tensor, need_entry: List[bool],
-                          out: List[Optional[Tuple[torch.Tensor, ...]]]) -> None:
-        """Per-row ``(||x||, <x, d_raw>, ||d_raw||)`` of the needed matrix entries of ``p``,
-        stored at their entry index in ``out``. Vector entries (one scalar per row) are left
-        to :meth:`_row_norms`, which does them all in three ``_foreach`` calls."""
+                          stats: torch.Tensor, filled: List[bool]) -> None:
+        """Per-row ``(||x||^2, <x, d_raw>, ||d_raw||^2)`` of the needed matrix entries of ``p``
+        into their columns of ``stats`` (``[3, R]``), marked in ``filled``. Vector entries (one
+        scalar per row) are left to :meth:`_row_stats`, which does them all at once."""
         L = self._layout
         x = p.detach()
         for i in self._param_entries.get(id(p), ()):
             e = L.entries[i]
-            if need_entry[i] and not e.vector:
-                if self.fused:
-                    out[i] = _fused.row_stats(x, d_raw, e.dim, e.size)
-                    if out[i] is not None:
-                        continue
-                # row_dot writes products only for half precision (see its docstring)
-                scratch = None if x.dtype == acc_dtype(x) else self._scratch_for(x)
-                out[i] = (row_norm(x, e.dim, e.size),
-                          row_dot(x, d_raw, e.dim, e.size, scratch),
-                          row_norm(d_raw, e.dim, e.size))
-
-    def _row_norms(self, need_entry: List[bool], directions,
-                   row_stats: List[Optional[Tuple[torch.Tensor, ...]]]) -> Tuple[torch.Tensor, ...]:
-        """Flat per-row ``||x||``, ``<x, d_raw>``, ``||d_raw||`` (``Tensor[R]`` each; zeros
-        for the entries not needed and for parameters without a kept direction).
-        ``row_stats``: the matrix entries' rows from :meth:`_matrix_row_stats`."""
-        L = self._layout
-        acc = self._acc
-        E = len(L.entries)
-        nx: List[Optional[torch.Tensor]] = [None] * E
-        xd: List[Optional[torch.Tensor]] = [None] * E
-        nd: List[Optional[torch.Tensor]] = [None] * E
-        zeros = self._zero_rows
-        vx_i, vx = [], []          # vector entries: |x| in one foreach call
-        vd_i, vdx, vdd = [], [], []  # vector entries with a direction
-        for i, (e, need) in enumerate(zip(L.entries, need_entry)):
-            if row_stats[i] is not None:
-                nx[i], xd[i], nd[i] = row_stats[i]
+            if not need_entry[i] or e.vector:
                 continue
-            z = zeros[:e.size]
-            if not need:
-                nx[i] = xd[i] = nd[i] = z
+            filled[i] = True
+            if self.fused and e.dim == 0 and x.dtype == stats.dtype and _fused.takes(x, d_raw):
+                _fused.row_stats(x, d_raw, stats, e.start)
+                continue
+            # row_dot writes products only for half precision (see its docstring)
+            scratch = None if x.dtype == acc_dtype(x) else self._scratch_for(x)
+            nx = row_norm(x, e.dim, e.size)
+            nd = row_norm(d_raw, e.dim, e.size)
+            xd = row_dot(x, d_raw, e.dim, e.size, scratch)
+            stats[:, e.start:e.start + e.size].copy_(torch.stack([nx.square_(), xd, nd.square_()]))
+
+    def _row_stats(self, need_entry: List[bool], directions, stats: torch.Tensor,
+                   filled: List[bool]) -> None:
+        """Fill the columns of ``stats`` (``[3, R]``: per flat row ``||x||^2``, ``<x, d_raw>``,
+        ``||d_raw||^2``) of the needed entries not ``filled`` yet: vector entries, and matrix
+        entries of parameters without a kept direction (``||x||^2`` only). Zero elsewhere."""
+        L = self._layout
+        vx_i, vx, vd = [], [], []  # vector entries: all in one op each on their concatenation
+        for i, e in enumerate(L.entries):
+            if filled[i] or not need_entry[i]:
                 continue
             x = e.param.detach()
             kept = directions.get(id(e.param))
             if e.vector:
                 vx_i.append(i)
                 vx.append(x.reshape(-1))
-                if kept is not None:
-                    vd_i.append(i)
-                    vdx.append(x.reshape(-1))
-                    vdd.append(kept[1].reshape(-1))
-                else:
-                    xd[i] = nd[i] = z
-                continue
-            # a matrix entry without a kept direction: only ||x||
-            nx[i] = row_norm(x, e.dim, e.size)
-            xd[i] = nd[i] = z
-        # vector entries (a BatchNorm's weight and bias: many small tensors) in one op each on
-        # their concatenation: per-tensor kernels would cost more than the arithmetic
-        if vx:
-            for i, v in zip(vx_i, _split_like(torch.cat(vx).abs_(), vx)):
-                nx[i] = v
-        if vdx:
-            cx, cd = torch.cat(vdx), torch.cat(vdd)
-            for i, v, w in zip(vd_i, _split_like(cx.mul_(cd), vdx), _split_like(cd.abs_(), vdd)):
-                xd[i] = v
-                nd[i] = w
-        out = []
-        for parts in (nx, xd, nd):
-            flat = torch.cat(parts) if len({t.dtype for t in parts}) == 1 \
-                else torch.cat([t.to(acc) for t in parts])
-            out.append(flat if flat.dtype == acc else flat.to(acc))
-        return tuple(out)
+                vd.append(None if kept is None else kept[1].reshape(-1))
+            else:  # a matrix entry without a kept direction: only ||x||
+                stats[0, e.start:e.start + e.size] = row_norm(x, e.dim, e.size).square_()
+        if not vx:
+            return
+        # a BatchNorm's weight and bias are many small tensors: per-tensor kernels would cost more
+        # than the arithmetic
+        cx = torch.cat(vx).to(stats.dtype)
+        cd = torch.cat([x.new_zeros(x.shape) if d is None else d for x, d in zip(vx, vd)]).to(stats.dtype)
+        key = tuple(vx_i)
+        if self._vector_rows[0] != key:
+            L_rows = [torch.arange(L.entries[i].start, L.entries[i].start + L.entries[i].size,
+                                   device=L.device) for i in vx_i]
+            self._vector_rows = (key, torch.cat(L_rows))
+        stats.index_copy_(1, self._vector_rows[1], torch.stack([cx * cx, cx * cd, cd * cd]))
 
     def _partition(self, xx: torch.Tensor, xd: torch.Tensor, dd: torch.Tensor) -> None:
         """Choose the redundant set from the saliency of DHSPG step 1 (see class docstring)."""
@@ -670,20 +669,27 @@ class DHSPG(torch.optim.Optimizer):
                 break
         return torch.tensor(quota, dtype=torch.long, device=sal.device)
 
-    def _pruning_math(self, t: int, need_entry: List[bool], directions,
-                      row_stats) -> Dict[int, List[Tuple[int, torch.Tensor]]]:
+    def _pruning_math(self, t: int, need_entry: List[bool], directions, stats: torch.Tensor
+                      ) -> Tuple[Dict[int, List[Tuple[int, torch.Tensor]]], Optional[torch.Tensor]]:
         """Partition (once), adaptive lambda, half-space projection and quota of one pruning
-        step; returns the per-row scales ``1 - lr (lambda_g / ||x_g|| + b)`` per parameter.
-        ``row_stats``: the matrix entries' row reductions (see :meth:`_matrix_row_stats`)."""
+        step. ``stats``: ``[3, R]`` row sums ``||x||^2``, ``<x, d_raw>``, ``||d_raw||^2``.
+        Returns the per-row scales ``1 - lr (lambda_g / ||x_g|| + b)`` per parameter of the
+        stock path, and the flat ``Tensor[R]`` of ``1 - lr lambda_g / ||x_g||`` (None where no
+        channel shrinks) for the fused one."""
         L = self._layout
         dh = self._dh
-        nx_r, xdr, ndr = self._row_norms(need_entry, directions, row_stats)
+        xx_r, xdr, ddr = stats.unbind(0)
         a, b, alpha = self._coef_rows(directions)
-        xx_r = nx_r.square()
-        xd_r = a * xdr + b * xx_r
-        dd_r = (a * a) * ndr.square() + (2.0 * a * b) * xdr + (b * b) * xx_r
-        ch = L.channel_sums([xx_r, xd_r, dd_r, alpha * xx_r, alpha * xd_r])
-        xx, xd, dd, axx, axd = ch.unbind(0)
+        if isinstance(a, float) and a == 1.0 and isinstance(b, float) and b == 0.0:
+            rows = stats  # d = d_raw
+        else:
+            rows = torch.stack([xx_r, a * xdr + b * xx_r, (a * a) * ddr + (2.0 * a * b) * xdr + (b * b) * xx_r])
+        if isinstance(alpha, float):
+            xx, xd, dd = L.channel_sums(rows).unbind(0)
+            axx, axd = alpha * xx, alpha * xd
+        else:
+            ch = L.channel_sums(torch.cat([rows, alpha * rows[:2]]))
+            xx, xd, dd, axx, axd = ch.unbind(0)
         if not dh["partitioned"]:
             self._partition(xx, xd, dd)
         active = dh["redundant"] & ~dh["projected"]
@@ -721,27 +727,27 @@ class DHSPG(torch.optim.Optimizer):
         # Group-lasso shrink of the redundant channels that stay: x <- (1 - lr lambda/||x||) x.
         shrink = active & ~proj
         scales: Dict[int, List[Tuple[int, torch.Tensor]]] = {}
-        if bool(shrink.any()):
-            c = torch.where(shrink, lam / safe_nx, torch.zeros_like(lam))
-            c_rows = L.to_rows(c, 0.0)
-            s_rows = 1.0 - alpha * c_rows
-            parts = L.split_rows(s_rows)
-            # every entry holding an active channel takes its scales (1 exactly where nothing
-            # shrinks this step: x * 1 == x), which spares a search for the shrinking ones
-            for i, e in enumerate(L.entries):
-                kept = directions.get(id(e.param))
-                if need_entry[i] and kept is not None:
-                    s = parts[i]
-                    scales.setdefault(id(e.param), []).append((e.dim, s))
-            # Fold the decoupled decay (b != 0) into the first scale of each parameter.
-            for pid, lst in scales.items():
-                p, _, _, b_p, lr_p = directions[pid]
-                if b_p != 0.0:
-                    lst[0] = (lst[0][0], lst[0][1] - lr_p * b_p)
-                for j, (dim, s) in enumerate(lst):
-                    if s.dtype != p.dtype:
-                        lst[j] = (dim, s.to(p.dtype))
-        return scales
+        if not bool(shrink.any()):
+            return scales, None
+        c = torch.where(shrink, lam / safe_nx, torch.zeros_like(lam))
+        s_rows = 1.0 - alpha * L.to_rows(c, 0.0)
+        parts = None
+        # every stock-path entry holding an active channel takes its scales (1 exactly where
+        # nothing shrinks this step: x * 1 == x), which spares a search for the shrinking ones
+        for i, e in enumerate(L.entries):
+            pid = id(e.param)
+            if need_entry[i] and pid in directions and pid not in self._step_fused:
+                parts = L.split_rows(s_rows) if parts is None else parts
+                scales.setdefault(pid, []).append((e.dim, parts[i]))
+        # Fold the decoupled decay (b != 0) into the first scale of each parameter.
+        for pid, lst in scales.items():
+            p, _, _, b_p, lr_p = directions[pid]
+            if b_p != 0.0:
+                lst[0] = (lst[0][0], lst[0][1] - lr_p * b_p)
+            for j, (dim, s) in enumerate(lst):
+                if s.dtype != p.dtype:
+                    lst[j] = (dim, s.to(p.dtype))
+        return scales, s_rows
 
     def _enforce_zeros(self) -> None:
         dh = self._dh
