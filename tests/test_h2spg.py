@@ -244,6 +244,30 @@ def test_exact_target_and_exact_slim(variant):
     assert set(opt.chosen) <= set(prog.zero_erasables())
 
 
+def test_fused_kernels_match_the_stock_step():
+    """Warm-up (scores every step, nothing shrinks), partition and pruning steps take the same
+    values with the fused kernels as with stock ops (float64, up to rounding)."""
+    runs = []
+    for fused in (False, True):
+        net, prog = _supernet_prog()
+        net.double()
+        x, y = _data()
+        opt = fxprune.H2SPG(prog, lr=0.05, target_group_sparsity=0.4, start_pruning_step=3, pruning_steps=3,
+                            fused=fused)
+        assert opt.fused is fused
+        before = [p.detach().clone() for p in prog.module.parameters()]
+        _train(prog, opt, 7, x.double(), y)
+        after = list(prog.module.named_parameters())
+        assert all(p.dtype == torch.float64 for _, p in after)
+        assert sum(not torch.equal(p0, p) for p0, (_, p) in zip(before, after)) > len(before) // 2
+        runs.append((after, opt))
+    (a, oa), (b, ob) = runs
+    assert oa.chosen == ob.chosen and len(ob.chosen) == ob.target_units
+    assert torch.equal(oa.projected, ob.projected)
+    for (n, p), (_, q) in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6, msg=n)
+
+
 def test_partition_uses_momentum_averaged_scores(monkeypatch):
     seen, passed = [], {}
     real_saliency, real_select = h2spg_mod.unit_saliency, h2spg_mod.select_units

@@ -338,7 +338,9 @@ class DHSPG(torch.optim.Optimizer):
         if pruning:
             if not dh["partitioned"]:
                 need_entry = [True] * len(L.entries)
-                defer = L.row_has_channel
+                # the partition (at the first step >= start_pruning_step) makes the scales;
+                # before it (H2SPG's warm-up) nothing shrinks
+                defer = L.row_has_channel if t >= self.start_pruning_step else None
             else:
                 active = dh["redundant"] & ~dh["projected"]
                 if bool(active.any()):
@@ -516,9 +518,10 @@ class DHSPG(torch.optim.Optimizer):
                 filled[i] = True
                 directions[id(p)] = (p, buf, 1.0, 0.0, lr)
                 self._step_fused.add(id(p))
-                later[0].append(p)
-                later[1].append(buf)
-                later[2].append(start)
+                if defer is not None:
+                    later[0].append(p)
+                    later[1].append(buf)
+                    later[2].append(start)
             starts.append(start)
         _fused.sgd_step([p.detach() for p in ps], [p.grad for p in ps], bufs, starts, group["momentum"],
                         group["weight_decay"], lr, defer, stats)
