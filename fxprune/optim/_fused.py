@@ -10,14 +10,15 @@ scale is known to be 1 (:func:`sgd_step`); only the rows of shrinking channels w
 step, is then SGD's plus one more pass over the redundant rows.
 
 The kernels are C++ built with ``torch.utils.cpp_extension`` on first use, with the machine's
-C++ compiler and ninja (``pip install 'fxprune[fused]'``; about 15 s, then cached in torch's
-extension directory), for contiguous float32/float64 CPU tensors whose rows are their dim 0,
+C++ compiler and ninja (a dependency of fxprune; about 15 s, then cached in torch's extension
+directory), for contiguous float32/float64 CPU tensors whose rows are their dim 0,
 in lists (one call per step, one parallel region over all the tensors' rows). Anything else
 takes the stock path, which gives the same values up to rounding (rows are summed in float64).
 """
 from __future__ import annotations
 
 import functools
+import logging
 import warnings
 from pathlib import Path
 from typing import List, Optional
@@ -39,7 +40,15 @@ def kernels():
     Raises:
         fxprune.UnsupportedInputError: the extension cannot be built (no C++ compiler or ninja).
     """
-    from torch.utils.cpp_extension import load
+    # importing it probes for a CUDA toolkit and, with a CUDA build of torch on a machine
+    # without a GPU, logs a warning that has nothing to do with these CPU kernels
+    probe = logging.getLogger("torch.utils.cpp_extension")
+    level = probe.level
+    probe.setLevel(logging.ERROR)
+    try:
+        from torch.utils.cpp_extension import load
+    finally:
+        probe.setLevel(level)
 
     # float64 accumulation keeps up with memory only with wide vectors: use AVX2 where torch's
     # own kernels found it (the build is cached per capability)
@@ -49,8 +58,8 @@ def kernels():
     try:
         return load(name, sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # compiler missing or failing: say so, with the cause
-        raise UnsupportedInputError(f"DHSPG(fused=True) needs a C++ compiler and ninja (pip install "
-                                    f"'fxprune[fused]') to build its CPU kernels: {type(exc).__name__}: {exc}") from exc
+        raise UnsupportedInputError(f"DHSPG's fused CPU kernels need a C++ compiler and ninja to build, and "
+                                    f"the build failed: {type(exc).__name__}: {exc}") from exc
 
 
 def available() -> bool:

@@ -128,9 +128,9 @@ class DHSPG(torch.optim.Optimizer):
             kernels (:mod:`fxprune.optim._fused`): SGD's momentum step, the pruning phase's row
             reductions and the update in one pass over memory, the row-scaled update of the
             redundant rows in a second pass over those rows only. ``None`` (default): when every
-            parameter is on the CPU and the kernels can be built (a C++ compiler and ninja:
-            ``pip install 'fxprune[fused]'``; about 15 s the first time on a machine, then
-            cached), else the stock path, with a warning saying why. ``True``: always, raising
+            parameter is on the CPU and the kernels can be built (with the machine's C++
+            compiler; about 15 s the first time on a machine, then cached), else the stock
+            path, with a warning saying why. ``True``: always, raising
             :class:`fxprune.UnsupportedInputError` when the kernels cannot be built. ``False``:
             the stock ``torch`` ops. Both paths take the same steps up to rounding; the
             attribute ``fused`` says which one runs.
