@@ -404,6 +404,8 @@ def test_fused_kernels_match_torch_ops(dtype):
     stats = torch.zeros(3, R, dtype=dtype)
     x1, b1 = [x.clone() for x in xs], [b.clone() for b in bufs]
     _fused.sgd_step(x1, gs, b1, starts, 0.9, 1e-3, 0.1, defer, stats)
+    # written in place: autograd must see it, as with torch's in-place ops
+    assert all(t._version == 1 for t in x1 + b1) and all(g._version == 0 for g in gs)
     scales = torch.rand(R, generator=gen, dtype=dtype)
     x2 = [x.clone() for x in x1]
     rows = [i for i, s in enumerate(starts) if s >= 0]

@@ -80,6 +80,13 @@ static inline void scale_sub_row(T* x, const T* d, T s, T c, int64_t n) {
   for (int64_t j = 0; j < n; ++j) x[j] = s * x[j] - c * d[j];
 }
 
+// In-place writes through data pointers: bump the version counters as torch's own in-place ops
+// do, so that autograd notices a tensor it saved being changed (inference tensors have none).
+static void written(const std::vector<at::Tensor>& ts) {
+  for (const auto& t : ts)
+    if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+}
+
 static void check_pair(const at::Tensor& x, const at::Tensor& d) {
   TORCH_CHECK(x.dim() >= 1 && x.sizes() == d.sizes() && x.is_contiguous() && d.is_contiguous()
               && x.scalar_type() == d.scalar_type() && x.device().is_cpu());
@@ -125,6 +132,8 @@ void sgd_step(std::vector<at::Tensor> xs, std::vector<at::Tensor> grads, std::ve
       }
     });
   });
+  written(xs);
+  written(bufs);
 }
 
 // Row sums ||x||^2, <x, d>, ||d||^2 of the dim-0 rows of x and d into out[:, start + r].
@@ -179,6 +188,7 @@ void scale_sub_(std::vector<at::Tensor> xs, std::vector<at::Tensor> ds, std::vec
       }
     });
   });
+  written(xs);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -79,8 +79,10 @@ def takes(*tensors: torch.Tensor) -> bool:
     x = tensors[0]
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() < 1:
         return False
-    return all(t.dtype == x.dtype and t.shape == x.shape and t.is_contiguous() and t.device == x.device
-               for t in tensors)
+    for t in tensors:
+        if t.dtype != x.dtype or not t.is_contiguous() or t.device != x.device or t.shape != x.shape:
+            return False
+    return True
 
 
 def sgd_step(xs: List[torch.Tensor], grads: List[torch.Tensor], bufs: List[torch.Tensor],
@@ -94,7 +96,6 @@ def sgd_step(xs: List[torch.Tensor], grads: List[torch.Tensor], bufs: List[torch
     ``stats[:, starts[i] + r]`` (``stats``: ``[3, R]``, dtype of ``xs``), and rows marked in
     ``defer`` (``BoolTensor[R]``) keep ``x`` unchanged, for :func:`scale_sub_` to step later."""
     kernels().sgd_step(xs, grads, bufs, starts, defer, stats, float(momentum), float(weight_decay), float(lr))
-    torch.autograd.graph.increment_version(xs + bufs)  # written through their data pointers
 
 
 def row_stats(x: torch.Tensor, d: torch.Tensor, stats: torch.Tensor, start: int) -> None:
@@ -107,6 +108,6 @@ def scale_sub_(xs: List[torch.Tensor], ds: List[torch.Tensor], starts: List[int]
                scales: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None) -> None:
     """``x[r] <- scales[starts[i] + r] * x[r] - lr * d[r]`` over the dim-0 rows of every ``xs[i]``
     (``scales``: ``[R]``, None for all ones), only the flat rows marked in ``rows``
-    (``BoolTensor[R]``) when given."""
+    (``BoolTensor[R]``) when given. The kernels bump the version counters of the tensors they
+    write, as torch's in-place ops do."""
     kernels().scale_sub_(xs, ds, starts, scales, rows, float(lr))
-    torch.autograd.graph.increment_version(xs)

@@ -270,6 +270,7 @@ class DHSPG(torch.optim.Optimizer):
         self._coef_key: Optional[tuple] = None
         self._coef: Tuple[Any, ...] = ()
         self._vector_rows: Tuple[tuple, Optional[torch.Tensor]] = ((), None)
+        self._stats: Optional[torch.Tensor] = None  # row sums of a pruning step, see _stats_buffer
         self._scratch: Optional[torch.Tensor] = None  # row_dot products (half precision only)
         #: id(parameter) -> indices of its entries in ``layout.entries``
         self._param_entries: Dict[int, List[int]] = {}
@@ -354,7 +355,7 @@ class DHSPG(torch.optim.Optimizer):
             if flag:
                 need_param.add(id(L.entries[i].param))
         # per flat row: ||x||^2, <x, d_raw>, ||d_raw||^2 of the needed entries (zero elsewhere)
-        stats = torch.zeros(3, L.num_rows, dtype=self._acc, device=L.device) if pruning else None
+        stats = self._stats_buffer() if pruning else None
         filled = [False] * len(L.entries)
 
         # 1. base directions; parameters without channel work are updated right away. A kept
@@ -488,6 +489,16 @@ class DHSPG(torch.optim.Optimizer):
                 torch._foreach_mul_([p for p, _ in scaled], [s for _, s in scaled])
             torch._foreach_add_(ps, ds, alpha=-c)
 
+    def _stats_buffer(self) -> torch.Tensor:
+        """``[3, R]`` zeros of the accumulation dtype, one buffer reused across steps: a fresh
+        block of this size would come with its page faults every step."""
+        L = self._layout
+        if self._stats is None:
+            self._stats = torch.zeros(3, L.num_rows, dtype=self._acc, device=L.device)
+        else:
+            self._stats.zero_()
+        return self._stats
+
     def _fusable(self, p: torch.Tensor, group: Dict[str, Any], keep_d: bool) -> bool:
         """Whether ``p``'s step takes the fused SGD kernel (:func:`._fused.sgd_step`): a plain
         momentum step (not the first, not Nesterov) of tensors the kernel takes, and, when its
@@ -523,8 +534,8 @@ class DHSPG(torch.optim.Optimizer):
                     later[1].append(buf)
                     later[2].append(start)
             starts.append(start)
-        _fused.sgd_step([p.detach() for p in ps], [p.grad for p in ps], bufs, starts, group["momentum"],
-                        group["weight_decay"], lr, defer, stats)
+        _fused.sgd_step(ps, [p.grad for p in ps], bufs, starts, group["momentum"], group["weight_decay"], lr,
+                        defer, stats)
         return later
 
     def _scratch_for(self, x: torch.Tensor) -> torch.Tensor:
@@ -733,7 +744,10 @@ class DHSPG(torch.optim.Optimizer):
         if not bool(shrink.any()):
             return scales, None
         c = torch.where(shrink, lam / safe_nx, torch.zeros_like(lam))
-        s_rows = 1.0 - alpha * L.to_rows(c, 0.0)
+        if isinstance(alpha, float):  # scales per channel, then one gather to the rows
+            s_rows = L.to_rows(1.0 - alpha * c, 1.0)
+        else:
+            s_rows = 1.0 - alpha * L.to_rows(c, 0.0)
         parts = None
         # every stock-path entry holding an active channel takes its scales (1 exactly where
         # nothing shrinks this step: x * 1 == x), which spares a search for the shrinking ones
