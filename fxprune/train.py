@@ -463,6 +463,7 @@ def finish(prog, opt, splits, test_loader, example, config: TrainConfig, out: st
         "history": history,
         "slim_dir": os.path.join(out, "slim"),
         "device": str(device),
+        "fused_optimizer_kernels": bool(getattr(opt, "fused", False)),
         "torch": torch.__version__,
     }
 

@@ -80,6 +80,7 @@ def test_end_to_end(straight):
     assert [h["epoch"] for h in rep["history"]] == [1, 2]
     assert rep["config"]["target_group_sparsity"] == 0.5
     assert rep["wall_time_s"]["train"] > 0
+    assert rep["fused_optimizer_kernels"] is True  # the default on the CPU
     ckpts = os.path.join(straight, "checkpoints")
     assert sorted(os.listdir(ckpts)) == [LAST, PREV]  # no temporary files left behind
     assert load_checkpoint(os.path.join(ckpts, PREV))["epoch"] == 1
