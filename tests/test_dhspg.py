@@ -703,3 +703,18 @@ def test_works_with_lr_scheduler():
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 3)
     assert opt.metrics()["zero_channels"] == opt.target_channels
+
+
+def test_active_rows_follow_in_place_edits():
+    """The cached set of active rows (redundant, not projected) follows the partition and the
+    projections, and an in-place edit of ``opt.projected`` too."""
+    model, prog = make("convnet", dtype=torch.float64)
+    opt = DHSPG(prog, lr=0.05, target_group_sparsity=0.5, start_pruning_step=1, pruning_steps=50)
+    for t in range(3):
+        train_step(model, opt, "convnet", t, torch.float64)
+    c = int(torch.nonzero(opt.redundant & ~opt.projected)[0])
+    opt.projected[c] = True
+    train_step(model, opt, "convnet", 3, torch.float64)
+    rows, need = opt._active_rows()
+    assert not bool(rows[opt._layout.row_chan_ext == c].any())
+    assert rows.sum() == int(opt._layout.to_rows(opt.redundant & ~opt.projected, False).sum())

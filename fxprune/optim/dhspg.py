@@ -271,6 +271,7 @@ class DHSPG(torch.optim.Optimizer):
         self._coef: Tuple[Any, ...] = ()
         self._vector_rows: Tuple[tuple, Optional[torch.Tensor]] = ((), None)
         self._stats: Optional[torch.Tensor] = None  # row sums of a pruning step, see _stats_buffer
+        self._active_key: Optional[tuple] = None  # see _active_rows
         self._scratch: Optional[torch.Tensor] = None  # row_dot products (half precision only)
         #: id(parameter) -> indices of its entries in ``layout.entries``
         self._param_entries: Dict[int, List[int]] = {}
@@ -343,17 +344,10 @@ class DHSPG(torch.optim.Optimizer):
                 # before it (H2SPG's warm-up) nothing shrinks
                 defer = L.row_has_channel if t >= self.start_pruning_step else None
             else:
-                active = dh["redundant"] & ~dh["projected"]
-                if bool(active.any()):
-                    defer = L.to_rows(active, False)
-                    need_entry = L.entry_any(defer)
-                else:
-                    pruning = False
+                defer, need_entry = self._active_rows()
+                pruning = defer is not None
         self._step_fused.clear()
-        need_param = set()
-        for i, flag in enumerate(need_entry):
-            if flag:
-                need_param.add(id(L.entries[i].param))
+        need_param = {id(e.param) for e, flag in zip(L.entries, need_entry) if flag}
         # per flat row: ||x||^2, <x, d_raw>, ||d_raw||^2 of the needed entries (zero elsewhere)
         stats = self._stats_buffer() if pruning else None
         filled = [False] * len(L.entries)
@@ -488,6 +482,27 @@ class DHSPG(torch.optim.Optimizer):
             if scaled:
                 torch._foreach_mul_([p for p, _ in scaled], [s for _, s in scaled])
             torch._foreach_add_(ps, ds, alpha=-c)
+
+    def _active_rows(self) -> Tuple[Optional[torch.Tensor], List[bool]]:
+        """After the partition: the flat rows of the redundant channels not yet projected
+        (``BoolTensor[R]``, None when there are none) and, per entry, whether it holds any.
+        Kept while both sets stay the same tensors at the same version (the optimizer replaces
+        them when they change; an in-place edit bumps the version), which spares the gathers in
+        most steps."""
+        dh = self._dh
+        red, proj = dh["redundant"], dh["projected"]
+        key = self._active_key
+        if key is None or key[0] is not red or key[1] is not proj or key[2] != (red._version, proj._version):
+            L = self._layout
+            active = dh["redundant"] & ~dh["projected"]
+            if bool(active.any()):
+                rows = L.to_rows(active, False)
+                value = (rows, L.entry_any(rows))
+            else:
+                value = (None, [False] * len(L.entries))
+            # the key holds the tensors themselves, so that their ids cannot be reused
+            self._active_key = key = (red, proj, (red._version, proj._version), value)
+        return key[3]
 
     def _stats_buffer(self) -> torch.Tensor:
         """``[3, R]`` zeros of the accumulation dtype, one buffer reused across steps: a fresh
