@@ -440,18 +440,23 @@ def no_compiler(monkeypatch):
 
     from fxprune.optim import _fused
 
+    calls = []
+
     def load(*args, **kwargs):
+        calls.append(args)
         raise RuntimeError("g++: command not found")
 
-    _fused.kernels.cache_clear()
+    _fused._build.cache_clear()
     monkeypatch.setattr(cpp_extension, "load", load)
-    yield
-    _fused.kernels.cache_clear()
+    yield calls
+    _fused._build.cache_clear()
 
 
 def test_fused_without_a_compiler_says_so(no_compiler):
-    with pytest.raises(fxprune.UnsupportedInputError, match="C\\+\\+ compiler.*g\\+\\+: command not found"):
-        DHSPG(make("mlp")[1], lr=0.1, fused=True)
+    for _ in range(2):
+        with pytest.raises(fxprune.UnsupportedInputError, match="C\\+\\+ compiler.*g\\+\\+: command not found"):
+            DHSPG(make("mlp")[1], lr=0.1, fused=True)
+    assert len(no_compiler) == 1  # a failed build is not retried
 
 
 def test_default_falls_back_to_the_stock_step_without_a_compiler(no_compiler):

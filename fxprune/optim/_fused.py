@@ -27,19 +27,25 @@ import torch
 
 from ..errors import UnsupportedInputError
 
-
-
 _SOURCE = Path(__file__).with_name("_fused.cpp")
 
 
-@functools.lru_cache(maxsize=None)
 def kernels():
-    """The compiled extension (built once per machine from ``_fused.cpp``, about 10 s; cached
-    on disk by torch, per source and flags).
+    """The compiled extension (built once per machine from ``_fused.cpp``, about 15 s; cached
+    on disk by torch, per source and flags; a failed build is not retried in this process).
 
     Raises:
         fxprune.UnsupportedInputError: the extension cannot be built (no C++ compiler or ninja).
     """
+    out = _build()
+    if isinstance(out, UnsupportedInputError):
+        raise out
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _build():
+    """The extension, or the error that building it gave."""
     # importing it probes for a CUDA toolkit and, with a CUDA build of torch on a machine
     # without a GPU, logs a warning that has nothing to do with these CPU kernels
     probe = logging.getLogger("torch.utils.cpp_extension")
@@ -58,8 +64,10 @@ def kernels():
     try:
         return load(name, sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # compiler missing or failing: say so, with the cause
-        raise UnsupportedInputError(f"DHSPG's fused CPU kernels need a C++ compiler and ninja to build, and "
-                                    f"the build failed: {type(exc).__name__}: {exc}") from exc
+        err = UnsupportedInputError(f"DHSPG's fused CPU kernels need a C++ compiler and ninja to build, and "
+                                    f"the build failed: {type(exc).__name__}: {exc}")
+        err.__cause__ = exc
+        return err
 
 
 def available() -> bool:
