@@ -6,7 +6,11 @@ For each model it measures
   propagation, op semantics and channel dependencies (everything up to the groups);
 * ``tp``: ``torch_pruning.DependencyGraph().build_dependency(model, example_inputs)``;
 * ``tp+groups``: the same plus enumerating its pruning groups (``get_all_groups()``), the
-  step that yields what ``fxprune.compile`` yields (not part of the headline ratio).
+  step that yields what ``fxprune.compile`` yields (not part of the headline ratio);
+* ``fx-floor``: stock ``torch.fx.symbolic_trace(model)`` and
+  ``torch.fx.passes.shape_prop.ShapeProp(gm).propagate(*example_inputs)`` and nothing else:
+  the two passes fxprune's pipeline starts with (symbolic tracing and shape propagation), run
+  bare. No analysis built on a torch.fx graph with shapes can take less time than this floor.
 
 Each (model, tool) pair runs in a fresh Python process, so that one tool's caches and heap
 never help or hurt the other. In that process: a warm-up on a 2-block net (imports, first-call
@@ -57,7 +61,7 @@ sys.path.insert(0, str(HERE))
 from _runner import run_worker  # noqa: E402
 from _timing import load_average, timed_runs, tp_runner  # noqa: E402
 
-TOOLS = ("fxprune", "tp", "tp+groups")
+TOOLS = ("fxprune", "tp", "tp+groups", "fx-floor")
 DEPTHS = (100, 300, 1000)  # residual blocks of the synthetic nets of the default depth sweep
 SYNTH = "resnet_synth_"
 
@@ -92,6 +96,18 @@ def _runner(tool: str):
             return {"groups": len(prog.groups), "nodes": len(prog.module.graph.nodes)}
 
         return run
+    if tool == "fx-floor":
+        import torch
+        import torch.fx
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        def floor(model, inputs):
+            gm = torch.fx.symbolic_trace(model)
+            with torch.no_grad():
+                ShapeProp(gm).propagate(*inputs)
+            return {"nodes": len(gm.graph.nodes)}
+
+        return floor
     return tp_runner(tool)
 
 
@@ -151,11 +167,12 @@ def _div(a, b):
 
 def table(rows: dict, models) -> str:
     head = ("| model | input | fx nodes | groups | fxprune s | TP build s | fxprune/TP | "
-            "fxprune CPU s | TP CPU s | fxprune/TP (CPU) | TP build+groups s | "
+            "fxprune CPU s | TP CPU s | fxprune/TP (CPU) | fx floor CPU s | floor/TP (CPU) | TP build+groups s | "
             "fxprune RSS MiB | TP RSS MiB | fxprune py MiB | TP py MiB |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for m in models:
         fx, tp_, tpg = rows[m].get("fxprune", {}), rows[m].get("tp", {}), rows[m].get("tp+groups", {})
+        floor = rows[m].get("fx-floor", {})
         shape = fx.get("input") or tp_.get("input") or []
         errs = "; ".join(f"{t}: {r['error']}" for t, r in rows[m].items() if "error" in r)
         out.append(
@@ -164,6 +181,8 @@ def table(rows: dict, models) -> str:
             f"{_fmt(_div(fx.get('median_s'), tp_.get('median_s')), '.2f')} | "
             f"{_fmt(fx.get('median_cpu_s'))} | {_fmt(tp_.get('median_cpu_s'))} | "
             f"{_fmt(_div(fx.get('median_cpu_s'), tp_.get('median_cpu_s')), '.2f')} | "
+            f"{_fmt(floor.get('median_cpu_s'))} | "
+            f"{_fmt(_div(floor.get('median_cpu_s'), tp_.get('median_cpu_s')), '.2f')} | "
             f"{_fmt(tpg.get('median_s'))} | {_fmt(fx.get('rss_peak_mib'), '.1f')} | "
             f"{_fmt(tp_.get('rss_peak_mib'), '.1f')} | {_fmt(fx.get('py_peak_mib'), '.1f')} | "
             f"{_fmt(tp_.get('py_peak_mib'), '.1f')} |" + (f" {errs}" if errs else "")
@@ -187,6 +206,11 @@ def summarize(rows: dict, models) -> dict:
         if ratios:
             summary[f"fxprune_over_tp_{label}_max"] = max(ratios.values())
             summary[f"fxprune_over_tp_{label}_geomean"] = statistics.geometric_mean(ratios.values())
+        floor = {m: rows[m].get("fx-floor", {}).get(key) for m in models}
+        floors = {m: floor[m] / tp_[m] for m in models if floor.get(m) and tp_.get(m)}
+        if floors:
+            summary[f"floor_over_tp_{label}"] = floors
+            summary[f"floor_over_tp_{label}_min"] = min(floors.values())
     return summary
 
 
@@ -204,6 +228,10 @@ def summary_lines(summary: dict) -> list:
         if mx:
             lines.append(f"fxprune / Torch-Pruning build_dependency ({label} time): max {mx:.2f}, "
                          f"geometric mean {summary[f'fxprune_over_tp_{label}_geomean']:.2f} (target <= 0.5)")
+        fl = summary.get(f"floor_over_tp_{label}_min")
+        if fl:
+            lines.append(f"torch.fx symbolic_trace + ShapeProp alone / Torch-Pruning build_dependency "
+                         f"({label} time): min {fl:.2f} over the models")
     return lines
 
 

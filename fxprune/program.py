@@ -40,8 +40,11 @@ def _normalize_inputs(model: torch.nn.Module, example_inputs: Any) -> tuple:
             bound = sig.bind(**example_inputs)
         except TypeError as exc:
             raise UnsupportedInputError(f"example_inputs do not match {type(model).__name__}.forward{sig}: {exc}")
+        given = set(bound.arguments)
         bound.apply_defaults()
-        return tuple(bound.arguments.values())
+        names = list(bound.arguments)
+        last = max(i for i, name in enumerate(names) if name in given)
+        return tuple(bound.arguments[name] for name in names[:last + 1])  # trailing defaults: see _fixed_defaults
     raise UnsupportedInputError(
         f"example_inputs must be a tensor, a tuple/list of inputs or a dict of keyword inputs, "
         f"not {type(example_inputs).__name__}")
@@ -58,6 +61,24 @@ def _check_arity(model: torch.nn.Module, inputs: tuple, concrete_args) -> None:
             f"({', '.join(p.name for p in free)})")
 
 
+def _fixed_defaults(model: torch.nn.Module, inputs: tuple, concrete_args) -> Optional[Dict[str, Any]]:
+    """``concrete_args`` plus the default value of every ``forward`` parameter after the ones
+    the example inputs give (``mask=None``), as a call with these inputs would have it.
+
+    Left free, such a parameter would become a placeholder that symbolic tracing treats as a
+    tensor: ``if mask is not None`` would trace the branch a call without a mask never takes,
+    and the graph would fail on the example inputs.
+    """
+    if isinstance(model, torch.fx.GraphModule):
+        return concrete_args
+    params = [p for p in inspect.signature(model.forward).parameters.values() if p.name not in (concrete_args or {})]
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return concrete_args
+    fixed = {p.name: p.default for p in params[len(inputs):]
+             if p.kind is not inspect.Parameter.VAR_KEYWORD and p.default is not inspect.Parameter.empty}
+    return {**(concrete_args or {}), **fixed} if fixed else concrete_args
+
+
 def compile(model: torch.nn.Module, example_inputs: Any, *, mode: Union[str, Sequence[str]] = "prune",
             leaf_modules: Iterable[Union[type, str]] = (), concrete_args: Optional[Dict[str, Any]] = None,
             tracer: Optional[torch.fx.Tracer] = None, allow_inexact: bool = False,
@@ -71,7 +92,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, mode: Union[str, Seq
         mode: ``"prune"`` (channel groups), ``"erase"`` (erasable operators, OTOv3) or
             ``("prune", "erase")`` (both: whole operators erased, channels pruned in the rest).
         leaf_modules: module classes or qualified names kept opaque by the tracer.
-        concrete_args: arguments fixed at trace time (``torch.fx.Tracer.trace``).
+        concrete_args: arguments fixed at trace time (``torch.fx.Tracer.trace``). Parameters
+            of ``forward`` after those the example inputs give are fixed at their defaults.
         tracer: a ``torch.fx.Tracer`` of your own.
         allow_inexact: let groups that are not zero-invariant (e.g. normalised by a LayerNorm)
             be pruned; their slim model then differs from the full one.
@@ -95,6 +117,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, mode: Union[str, Seq
         raise UnsupportedInputError(f"model must be a torch.nn.Module, not {type(model).__name__}")
     inputs = _normalize_inputs(model, example_inputs)
     _check_arity(model, inputs, concrete_args)
+    concrete_args = _fixed_defaults(model, inputs, concrete_args)
     with _gc_paused():
         gm = _front_end(model, inputs, frontend, leaf_modules=leaf_modules, concrete_args=concrete_args,
                         tracer=tracer)

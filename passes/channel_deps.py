@@ -82,6 +82,9 @@ def _freeze_unaccounted(ctx: RuleContext, out: Any, spec_name: str) -> None:
     if not inputs:
         return
     kept = [t.units for tc in _flatten_tc(out) for t in tc.dims if t is not None] + ctx.touched
+    kept_arrays = {id(u) for u in kept}
+    if all(id(u) in kept_arrays for u in inputs):  # the usual case: each input's array goes on as it is
+        return
     entering = np.concatenate(inputs)
     lost = entering[~ctx.analysis.store.isin(entering, np.concatenate(kept))] if kept else entering
     if len(lost):
@@ -174,6 +177,10 @@ def build_groups(gm: torch.fx.GraphModule, an: Analysis, allow_inexact: bool = F
     parameter position belongs to; channels with the same signature (the parameter keys they
     touch, with multiplicities) and the same frozen/inexact status form a group. Groups are
     ordered by their first (parameter key, position), channels within a group too.
+
+    Parameter keys whose tracks hold the same element array (a conv's rows, its bias and the
+    BatchNorm after it) map positions to channels alike, so the work is done once per such
+    class of keys (:func:`_key_classes`) and its slices are repeated for each key.
     """
     comp = an.store.components()
     pin_reason = _first_reason(comp, an.pins)
@@ -184,15 +191,19 @@ def build_groups(gm: torch.fx.GraphModule, an: Analysis, allow_inexact: bool = F
     for k in keys:
         roles = an.params[k].roles
         role_of.append("out" if "out" in roles else ("in" if "in" in roles else "buffer"))
-    # every parameter position: its representative R, key K and position P (K-major, P-minor)
-    sizes = [len(an.params[k].track) for k in keys]
+    classes, units = _key_classes(an, keys)
+    # every position of every class: its representative R, class C and position P (C-major)
+    sizes = [len(u) for u in units]
     if not sum(sizes):
         return [], comp, GroupIndex(an.store.count)
-    R = comp[np.concatenate([an.params[k].track.units for k in keys])]
-    K = np.repeat(np.arange(len(keys), dtype=np.int64), sizes)
+    R = comp[np.concatenate(units)]
+    C = np.repeat(np.arange(len(classes), dtype=np.int64), sizes)
     P = np.arange(len(R), dtype=np.int64) - np.repeat(np.cumsum([0] + sizes[:-1]), sizes)
 
-    rep, first, signature = _channels(R, K, P, np.array([r == "out" for r in role_of]))
+    # classes are ordered by their first key, so a channel's first (class, position) is its
+    # first (key, position)
+    class_out = np.array([any(role_of[k] == "out" for k in ks) for ks in classes])
+    rep, first, signature = _channels(R, C, P, class_out)
     pinned = _marked(an.store.count, pin_reason)[rep]
     inexact = _marked(an.store.count, inexact_reason)[rep] & ~pinned
     rep_group, rep_chan, heads = _partition(rep, first, signature * 4 + pinned * 2 + inexact, an.store.count)
@@ -204,21 +215,25 @@ def build_groups(gm: torch.fx.GraphModule, an: Analysis, allow_inexact: bool = F
         groups.append(Group(id=gid, size=size, slices=[], dependents=[], prunable=not is_pinned and (
             not is_inexact or allow_inexact), exact=not is_inexact, reason=reason))
 
-    # slices: the positions of each param key owned by each group, in (key, group) order
+    # slices: the positions of each class owned by each group, then one slice per key of the
+    # class, added in (key, group) order
     G = rep_group[R]
     keep = G >= 0
-    G, K, P, R = G[keep], K[keep], P[keep], R[keep]
-    pair = K * (len(groups) + 1) + G
+    G, C, P, R = G[keep], C[keep], P[keep], R[keep]
+    pair = C * (len(groups) + 1) + G
     order = np.argsort(pair, kind="stable")  # keeps positions ascending; nearly sorted already
-    G, K, P, R, pair = G[order], K[order], P[order], R[order], pair[order]
+    G, C, P, R, pair = G[order], C[order], P[order], R[order], pair[order]
     bounds = np.flatnonzero(np.diff(pair)) + 1
+    pieces = []  # (key, group, index, channel)
     for lo, hi in zip(np.r_[0, bounds].tolist(), np.r_[bounds, len(G)].tolist()):
-        if lo == hi:
-            continue
-        gid, k = int(G[lo]), int(K[lo])
+        if lo < hi:
+            index, channel = P[lo:hi], rep_chan[R[lo:hi]]
+            pieces += [(k, int(G[lo]), index, channel) for k in classes[int(C[lo])]]
+    pieces.sort(key=lambda piece: piece[:2])
+    for k, gid, index, channel in pieces:
         name, dim = keys[k]
-        sl = Slice(param=name, dim=dim, index=torch.from_numpy(P[lo:hi].copy()),
-                   channel=torch.from_numpy(rep_chan[R[lo:hi]]), role=role_of[k])
+        sl = Slice(param=name, dim=dim, index=torch.from_numpy(index.copy()), channel=torch.from_numpy(channel.copy()),
+                   role=role_of[k])
         (groups[gid].slices if sl.role == "out" else groups[gid].dependents).append(sl)
 
     index = GroupIndex(an.store.count)
@@ -228,10 +243,27 @@ def build_groups(gm: torch.fx.GraphModule, an: Analysis, allow_inexact: bool = F
     return groups, comp, index
 
 
+def _key_classes(an: Analysis, keys: list) -> Tuple[List[List[int]], List[np.ndarray]]:
+    """Parameter keys (indices into ``keys``) grouped by the element array of their track, in
+    order of their first key; and each class's element array."""
+    by_array: Dict[int, int] = {}
+    classes: List[List[int]] = []
+    units: List[np.ndarray] = []
+    for i, k in enumerate(keys):
+        u = an.params[k].track.units
+        c = by_array.setdefault(id(u), len(classes))  # the arrays stay alive in an.params: ids are unique
+        if c == len(classes):
+            classes.append([])
+            units.append(u)
+        classes[c].append(i)
+    return classes, units
+
+
 def _channels(R: np.ndarray, K: np.ndarray, P: np.ndarray, is_out: np.ndarray
               ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The channels among the parameter positions (representative ``R``, key ``K``, position
-    ``P``, sorted by key then position): representatives that some producer key touches.
+    """The channels among the parameter positions (representative ``R``, key ``K`` (here a
+    class of keys), position ``P``, sorted by key then position): representatives that some
+    producer key (``is_out[K]``) touches.
 
     Returns ``(rep, first, signature)``, ascending in ``rep``: ``first`` encodes a channel's
     first (key, position), ``signature`` is an id of the (key, multiplicity) pairs it touches.

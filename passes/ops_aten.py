@@ -58,21 +58,28 @@ ALIASES = {
     torch.linalg.vector_norm: [aten.linalg_vector_norm.default],
     F.adaptive_avg_pool2d: [aten.adaptive_avg_pool2d.default], F.avg_pool2d: [aten.avg_pool2d.default],
     F.max_pool2d: [aten.max_pool2d.default], F.pixel_shuffle: [aten.pixel_shuffle.default],
-    F.pixel_unshuffle: [aten.pixel_unshuffle.default], F.interpolate: _overloads(
-        aten.upsample_nearest2d, ["vec"]) + _overloads(aten.upsample_bilinear2d, ["vec"]),
+    F.pixel_unshuffle: [aten.pixel_unshuffle.default], F.interpolate: [
+        ov for name in ("upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "_upsample_nearest_exact1d",
+                        "_upsample_nearest_exact2d", "_upsample_nearest_exact3d", "upsample_linear1d",
+                        "upsample_bilinear2d", "upsample_bicubic2d", "upsample_trilinear3d",
+                        "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa")
+        for ov in _overloads(getattr(aten, name), ["vec", "default"])],
+    torch.addcmul: [aten.addcmul.default],
     F.pad: [aten.pad.default], torch.roll: [aten.roll.default],
     "contiguous": [aten.contiguous.default, aten.clone.default, aten.detach.default, aten.alias.default,
                    aten._to_copy.default, aten.lift_fresh_copy.default] + _overloads(aten.to, ["dtype", "dtype_layout"]),
+    "reshape_as": [aten.reshape_as.default, aten.view_as.default],
     "expand": [aten.expand.default], "expand_as": [aten.expand_as.default], "zero_": [aten.zero_.default],
     "new_zeros": _overloads(aten.new_zeros, ["default"]) + _overloads(aten.new_ones, ["default"]) + _overloads(
         aten.new_full, ["default"]) + _overloads(aten.new_empty, ["default"]),
 }
 
-# in-place activations (``inplace=True`` modules export as these) -> their out-of-place op
-IN_PLACE = {aten.relu.default: "relu_", aten.gelu.default: "gelu_", aten.silu.default: "silu_",
-            aten.tanh.default: "tanh_", aten.hardswish.default: "hardswish_", aten.hardtanh.default: "hardtanh_",
-            aten.leaky_relu.default: "leaky_relu_", aten.elu.default: "elu_", aten.mish.default: "mish_",
-            aten.sigmoid.default: "sigmoid_", aten.hardsigmoid.default: "hardsigmoid_"}
+# ops whose in-place overload (``aten.relu_.default``, ``aten.add_.Tensor``: ``inplace=True``
+# modules and ``x += y`` export as these) gets the out-of-place rule, guarded by _in_place
+IN_PLACE = [aten.relu.default, aten.gelu.default, aten.silu.default, aten.tanh.default, aten.hardswish.default,
+            aten.hardtanh.default, aten.leaky_relu.default, aten.elu.default, aten.mish.default,
+            aten.sigmoid.default, aten.hardsigmoid.default, aten.addcmul.default] + [
+    getattr(getattr(aten, op), ov) for op in ("add", "sub", "mul", "div") for ov in ("Tensor", "Scalar")]
 
 for _fn, _overloads_list in ALIASES.items():
     _spec = REGISTRY.methods[_fn] if isinstance(_fn, str) else REGISTRY.functions[_fn]
@@ -95,9 +102,10 @@ def _in_place(spec: OpSpec) -> OpSpec:
     return OpSpec(spec.name + "_", rule, spec.rewrite, spec.selects)
 
 
-for _op, _name in IN_PLACE.items():
-    if hasattr(aten, _name) and _op in REGISTRY.functions:
-        REGISTRY.functions[getattr(aten, _name).default] = _in_place(REGISTRY.functions[_op])
+for _op in IN_PLACE:
+    _mutating = getattr(getattr(aten, _op._opname + "_", None), _op._overloadname, None)
+    if _mutating is not None and _op in REGISTRY.functions:
+        REGISTRY.functions[_mutating] = _in_place(REGISTRY.functions[_op])
 
 
 def _tc(ctx, v):

@@ -160,11 +160,13 @@ def _rewrite_conv(rctx) -> None:
 def _conv_module(ctx):
     m = ctx.module
     transposed = isinstance(m, _CONV_TS)
+    x = _x(ctx)
+    plain = m.groups == 1 and not transposed  # weight (out, in, *k); bias with the rows, x with the columns
     w0 = ctx.param("weight", 0, "in" if transposed else "out")
-    w1 = ctx.param("weight", 1, "out" if transposed else "in")
-    bias = ctx.param("bias", 0, "out")
-    return conv_channels(ctx, _x(ctx), (w0, w1, m.weight.ndim), bias, m.groups, transposed, ctx.out_shape,
-                         m.padding)
+    w1 = ctx.param("weight", 1, "out" if transposed else "in",
+                   like=x.dims[conv_channel_dim(x.ndim, m.weight.ndim)] if plain else None)
+    bias = ctx.param("bias", 0, "out", like=w0 if plain else None)
+    return conv_channels(ctx, x, (w0, w1, m.weight.ndim), bias, m.groups, transposed, ctx.out_shape, m.padding)
 
 
 def _functional_conv(transposed: bool):
@@ -219,8 +221,10 @@ def _rewrite_linear(rctx) -> None:
 
 @register_module(nn.Linear, name="linear", rewrite=_rewrite_linear)
 def _linear_module(ctx):
-    return linear_channels(ctx, _x(ctx), ctx.param("weight", 0, "out"), ctx.param("weight", 1, "in"),
-                           ctx.param("bias", 0, "out"), ctx.out_shape)
+    x = _x(ctx)
+    w_out = ctx.param("weight", 0, "out")
+    return linear_channels(ctx, x, w_out, ctx.param("weight", 1, "in", like=x.dims[-1]),
+                           ctx.param("bias", 0, "out", like=w_out), ctx.out_shape)
 
 
 @register_function(F.linear, name="linear")
@@ -273,8 +277,8 @@ def _batchnorm(ctx):
     x = _x(ctx)
     d = _norm_channel_dim(ctx, x)
     t = x.dims[d]
-    params = [ctx.param(a, 0, "out") for a in ("weight", "bias")]
-    bufs = [ctx.param(a, 0, "buffer") for a in ("running_mean", "running_var")]
+    params = [ctx.param(a, 0, "out", like=t) for a in ("weight", "bias")]
+    bufs = [ctx.param(a, 0, "buffer", like=t) for a in ("running_mean", "running_var")]
     ctx.unify(t, *[p for p in params + bufs if p is not None])
     if t is None:
         return x
@@ -296,8 +300,8 @@ def _instancenorm(ctx):
     x = _x(ctx)
     d = 1 if x.ndim - 2 == _spatial_rank(m) else 0  # batched (N, C, *) or unbatched (C, *)
     t = x.dims[d]
-    params = [ctx.param(a, 0, "out") for a in ("weight", "bias")]
-    bufs = [ctx.param(a, 0, "buffer") for a in ("running_mean", "running_var")]
+    params = [ctx.param(a, 0, "out", like=t) for a in ("weight", "bias")]
+    bufs = [ctx.param(a, 0, "buffer", like=t) for a in ("running_mean", "running_var")]
     ctx.unify(t, *[p for p in params + bufs if p is not None])
     if t is None:
         return x

@@ -35,14 +35,17 @@ def _tc(ctx, v) -> Optional[TensorChannels]:
 BROADCAST_CONST = "broadcast-const"
 
 
-def elementwise_channels(ctx, operands: Sequence[Any], kind: str) -> TensorChannels:
+def elementwise_channels(ctx, operands: Sequence[Any], kind: str,
+                         out_shape: Optional[Sequence[int]] = None) -> TensorChannels:
     """Broadcasting elementwise op over tensors and scalars.
 
     ``kind``: ``"add"`` (zero only if all terms are zero), ``"mul"`` (zero if any factor is)
     or ``"div"`` (numerator and denominator). Output dims are unified across the operands
-    that have the full size there; a channel broadcast from size 1 is frozen.
+    that have the full size there; a channel broadcast from size 1 is frozen. Operands are
+    nodes, scalars or :class:`TensorChannels` (an intermediate of a fused op, whose shape
+    ``out_shape`` then gives; by default the node's output shape).
     """
-    out_shape = ctx.out_shape
+    out_shape = ctx.out_shape if out_shape is None else tuple(out_shape)
     tcs = [_tc(ctx, v) for v in operands]
     scalars = [v for v, t in zip(operands, tcs) if t is None]
     tensors = [t for t in tcs if t is not None]
@@ -127,6 +130,17 @@ register_function(*_MUL, name="mul")(_binary("mul"))
 register_method("mul", "mul_", name="mul")(_binary("mul"))
 register_function(*_DIV, name="div")(_binary("div"))
 register_method("div", "div_", "true_divide", name="div")(_binary("div"))
+
+
+@register_function(torch.addcmul, name="addcmul")
+@register_method("addcmul", "addcmul_", name="addcmul")
+def _addcmul(ctx):
+    """``addcmul(input, tensor1, tensor2, value=v) = input + v * tensor1 * tensor2``: the
+    product's channels and zero states, then the sum's (a layer-scale affine, timm's GRN)."""
+    factors = [ctx.arg(1, "tensor1"), ctx.arg(2, "tensor2")]
+    shapes = [tc.shape for tc in (_tc(ctx, v) for v in factors) if tc is not None]
+    product = elementwise_channels(ctx, factors, "mul", out_shape=torch.broadcast_shapes(*shapes))
+    return elementwise_channels(ctx, [ctx.arg(0, "input"), product], "add")
 
 
 @register_function(operator.pow, torch.pow, name="pow")

@@ -202,10 +202,14 @@ class RuleContext:
         return self.out_untracked()
 
     # ----------------------------------------------------------------- parameters
-    def param(self, attr: str, dim: int, role: str, *, qualified: bool = False) -> Optional[Track]:
+    def param(self, attr: str, dim: int, role: str, *, qualified: bool = False,
+              like: Optional[Track] = None) -> Optional[Track]:
         """The track of dimension ``dim`` of a parameter or buffer, linked with ``role``.
 
         ``attr`` is an attribute of the node's module (``"weight"``) unless ``qualified``.
+        ``like``: a track the rule unifies this dimension with position by position (a
+        BatchNorm's input channels); a dimension seen for the first time then takes its
+        elements instead of fresh ones, the same components with fewer elements and edges.
         Returns None if the module has no such tensor (``bias=False``).
         """
         name = attr if qualified else f"{self.node.target}.{attr}"
@@ -213,15 +217,17 @@ class RuleContext:
         if tensor is None:
             return None
         name = self.analysis.canonical.get(name, name)
-        return self._link(name, tensor, dim, role)
+        return self._link(name, tensor, dim, role, like=like)
 
-    def _link(self, name: str, tensor: torch.Tensor, dim: int, role: str, default: bool = False) -> Track:
+    def _link(self, name: str, tensor: torch.Tensor, dim: int, role: str, default: bool = False,
+              like: Optional[Track] = None) -> Track:
         key = (name, dim % tensor.dim())
         info = self.analysis.params.get(key)
         if info is None:
             n = tensor.shape[key[1]]
             state = ZERO if role == "out" else CONST
-            info = ParamInfo(Track(self.analysis.store.fresh(n), np.full(n, state, np.int8), source=key))
+            units = like.units if like is not None and len(like) == n else self.analysis.store.fresh(n)
+            info = ParamInfo(Track(units, np.full(n, state, np.int8), source=key))
             self.analysis.params[key] = info
         if default:
             if not info.roles:

@@ -444,9 +444,13 @@ class FlagModel(nn.Module):
 
 
 def test_control_flow_on_argument_needs_concrete_args():
+    """A branch on an argument given as an example input cannot be traced: the error says how
+    to fix it. Left out of the example inputs, the argument keeps its default."""
     with pytest.raises(fxprune.TraceError) as info:
-        fxprune.compile(FlagModel(), (image(),), frontend="fx")
+        fxprune.compile(FlagModel(), (image(), True), frontend="fx")
     assert "concrete_args" in str(info.value) and "use_aux" in str(info.value)
+    res = equiv(FlagModel(), [image()], frontend="fx")
+    assert not groups_with(res.prog, "aux.weight")
 
 
 @pytest.mark.parametrize("flag", [False, True])

@@ -1840,3 +1840,108 @@ def test_depthwise_conv_called_twice():
     prog.zero_({g.id: torch.tensor([True, False] * 4)})  # 4 of 8 kept: 8 // 4 != 1
     slim = prog.construct_subnet()
     assert slim.dw.groups == slim.dw.in_channels == slim.dw.out_channels == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# addcmul, ATen in-place arithmetic and resampling
+# ----------------------------------------------------------------------------------------------
+
+
+class AffineAddcmul(nn.Module):
+    """Per-channel affine written with ``torch.addcmul`` (ResMLP's ``Affine``) and a global
+    response normalisation with its ``addcmul`` tail (ConvNeXt-V2's ``GRN``), over (B, N, C)."""
+
+    def __init__(self, grn: bool):
+        super().__init__()
+        self.grn = grn
+        self.fc1 = nn.Linear(10, 8)
+        self.alpha = nn.Parameter(torch.rand(8) + 0.5)
+        self.beta = nn.Parameter(torch.randn(8))
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x))
+        if self.grn:  # exact only where beta is zero with its channel: beta is in the group
+            g = h.norm(p=2, dim=1, keepdim=True)
+            h = h + torch.addcmul(self.beta, self.alpha, h * (g / (g.mean(dim=-1, keepdim=True) + 1e-6)))
+        else:
+            h = torch.addcmul(self.beta, self.alpha, h)
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_addcmul_affine(frontend):
+    """``addcmul(beta, alpha, h)``: alpha and beta are sliced with fc1's rows; a zeroed channel
+    is ``beta`` (zeroed with it) plus ``alpha * 0``, so the group is prunable and exact."""
+    res = equiv(AffineAddcmul(grn=False), [tokens()], frontend=frontend)
+    g = group_of(res.prog, "fc1.weight")
+    assert_prunable(g, f"addcmul affine ({frontend})")
+    assert {s.param for s in g.slices} >= {"fc1.weight", "alpha", "beta"}, repr(g)
+    assert res.slim.get_parameter("alpha").shape[0] < 8
+
+
+def test_addcmul_grn_mean_over_channels_is_inexact():
+    """GRN divides by a mean over the channels: removing a channel changes that mean, so the
+    group is marked inexact with the reason, not pruned."""
+    res = equiv(AffineAddcmul(grn=True), [tokens()], expect_pruned=False)
+    g = group_of(res.prog, "fc1.weight")
+    assert not g.prunable and not g.exact and "mean over channels" in g.reason, repr(g)
+
+
+def test_export_in_place_add_and_antialiased_resampling():
+    """``x += y`` exports as ``aten.add_.Tensor`` and an anti-aliased bicubic resize as
+    ``aten._upsample_bicubic2d_aa``: both keep channels, so the residual group prunes."""
+    import fxprune
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Conv2d(8, 8, 3, padding=1)
+            self.head = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            z = self.b(torch.relu(y))
+            z += y
+            return self.head(F.interpolate(z, scale_factor=0.5, mode="bicubic", antialias=True))
+
+    res = equiv(M(), [image()], frontend="export")
+    targets = {n.target for n in res.prog.module.graph.nodes}
+    aten = torch.ops.aten
+    assert aten.add_.Tensor in targets and aten._upsample_bicubic2d_aa.vec in targets, targets
+    assert_prunable(group_of(res.prog, "a.weight"), "residual through add_ and a bicubic resize")
+
+
+class OptionalMask(nn.Module):
+    """``forward(x, mask=None)`` that branches on ``mask is not None`` (timm's Hiera)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = ConvBNAct(3, 8)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x, mask=None, scale: float = 1.0):
+        y = self.a(x)
+        if mask is not None:
+            y = y * mask.unsqueeze(1)
+        return self.head(y) * scale
+
+
+def test_parameters_after_the_example_inputs_keep_their_defaults():
+    """A parameter the example inputs do not give is fixed at its default for tracing, as the
+    call with these inputs has it: ``mask=None`` takes the unmasked branch; a mask given as an
+    input is traced as a tensor."""
+    import fxprune
+    from fxprune.testing import check_equivalence
+
+    x = image()
+    for inputs in ((x,), {"x": x}):
+        res = check_equivalence(OptionalMask(), inputs, frontend="fx")
+        assert [n.name for n in res.prog.module.graph.nodes if n.op == "placeholder"] == ["x"]
+        assert_prunable(group_of(res.prog, "a.0.weight"))
+    mask = torch.rand(x.shape[0], *x.shape[2:])
+    model = OptionalMask().eval()
+    prog = fxprune.compile(model, (x, mask), frontend="fx")
+    assert [n.name for n in prog.module.graph.nodes if n.op == "placeholder"] == ["x", "mask"]
+    torch.testing.assert_close(prog.module(x, mask), model(x, mask))
