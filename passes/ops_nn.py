@@ -10,7 +10,7 @@ channel becomes after the op (``relu(0) = 0``; ``sigmoid(0) = 0.5``). Each modul
 from __future__ import annotations
 
 import operator
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -94,7 +94,9 @@ def conv_channels(ctx, x: TensorChannels, weight: Union[TensorChannels, Tuple[Op
         # one element per conv group: all its input channels, weight rows/cols and outputs
         per_in = c_in // groups
         per_out = c_out // groups
-        g_units = ctx.fresh(groups)
+        # depthwise: each group is one input channel, whose elements it takes (rather than fresh
+        # ones unified with them), so a track that repeats per head stays so through the conv
+        g_units = Track(xin.units, np.zeros(groups, np.int8)) if xin is not None and per_in == 1 else ctx.fresh(groups)
         if xin is not None:
             # A removed conv group takes its outputs with it, and when its filters are producer
             # parameters (zeroed with the group) those outputs are zero in the full model
@@ -408,16 +410,18 @@ def _layernorm(ctx):
     m = ctx.module
     x = _x(ctx)
     n = len(m.normalized_shape)
-    w = _param_tc(ctx, "weight", n)
-    b = _param_tc(ctx, "bias", n)
+    w = _param_tc(ctx, "weight", x.dims[x.ndim - n:])
+    b = _param_tc(ctx, "bias", x.dims[x.ndim - n:])
     return layernorm_channels(ctx, x, n, w, b)
 
 
-def _param_tc(ctx, attr: str, ndim: int) -> Optional[TensorChannels]:
+def _param_tc(ctx, attr: str, over: Sequence[Optional[Track]]) -> Optional[TensorChannels]:
+    """The channels of a module's parameter whose dims are linked one to one with the tracks
+    ``over`` (a LayerNorm's normalised dims)."""
     t = getattr(ctx.module, attr, None)
     if t is None:
         return None
-    tracks = [ctx.param(attr, k, "out") for k in range(ndim)]
+    tracks = [ctx.param(attr, k, "out", like=like) for k, like in enumerate(over)]
     return TensorChannels(tuple(t.shape), tracks)
 
 

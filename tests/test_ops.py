@@ -1945,3 +1945,43 @@ def test_parameters_after_the_example_inputs_keep_their_defaults():
     prog = fxprune.compile(model, (x, mask), frontend="fx")
     assert [n.name for n in prog.module.graph.nodes if n.op == "placeholder"] == ["x", "mask"]
     torch.testing.assert_close(prog.module(x, mask), model(x, mask))
+
+
+class ConvPositionHeads(nn.Module):
+    """Attention plus depthwise convs over the values laid out as an image, one per block of
+    heads (1 and 3 heads, kernels 3 and 5), multiplied into the queries per head (CoaT's
+    convolutional relative position encoding)."""
+
+    HEADS, WIDTH, SIDE = 4, 5, 4  # the head width at least the head count, as in CoaT
+
+    def __init__(self):
+        super().__init__()
+        d = self.WIDTH
+        self.qkv = nn.Linear(10, 3 * self.HEADS * d)
+        self.dw = nn.ModuleList([nn.Conv2d(d, d, 3, padding=1, groups=d),
+                                 nn.Conv2d(3 * d, 3 * d, 5, padding=2, groups=3 * d)])
+        self.proj = nn.Linear(self.HEADS * d, 6)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        h, d, s = self.HEADS, self.WIDTH, self.SIDE
+        q, k, v = self.qkv(x).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, D) each
+        a = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+        blocks = torch.split(v.transpose(-1, -2).reshape(b, h * d, s, s), [d, 3 * d], dim=1)
+        pos = torch.cat([self.dw[0](blocks[0]), self.dw[1](blocks[1])], dim=1)
+        pos = pos.reshape(b, h, d, n).transpose(-1, -2)
+        return self.proj((a + q * pos).transpose(1, 2).reshape(b, n, h * d))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_depthwise_conv_over_heads_keeps_head_groups(frontend):
+    """The depthwise convs take their input's channel elements, so the values' (head, width)
+    layout survives them and the heads stay prunable: two groups, the head of the first conv
+    and the three of the second, each with its conv's filters."""
+    res = equiv(ConvPositionHeads(), [tokens(n=16)], frontend=frontend)
+    heads = sorted(groups_with(res.prog, "qkv.weight", 0), key=lambda g: g.size)
+    assert [g.size for g in heads] == [1, 3], heads
+    for g, conv in zip(heads, ("dw.0.weight", "dw.1.weight")):
+        assert_prunable(g, "heads through a depthwise position conv")
+        assert any(s.param == conv for s in g.slices), repr(g)
+    assert res.slim.get_parameter("dw.1.weight").shape[0] < 3 * ConvPositionHeads.WIDTH
