@@ -35,6 +35,8 @@ def _normalize_inputs(model: torch.nn.Module, example_inputs: Any) -> tuple:
             raise UnsupportedInputError("example_inputs is empty: pass the tensors the model's forward takes")
         return tuple(example_inputs)
     if isinstance(example_inputs, Mapping):
+        if not example_inputs:
+            raise UnsupportedInputError("example_inputs is empty: pass the tensors the model's forward takes")
         sig = inspect.signature(model.forward)
         try:
             bound = sig.bind(**example_inputs)

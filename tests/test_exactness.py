@@ -479,8 +479,9 @@ def _small():
         (torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)),  # one input too many
         (torch.randn(3, 8, 8, 8, 8, 8),),  # wrong rank
         ("abc",),
+        {},
     ],
-    ids=["str", "none", "empty", "wrong_channels", "too_many", "wrong_rank", "str_in_tuple"],
+    ids=["str", "none", "empty", "wrong_channels", "too_many", "wrong_rank", "str_in_tuple", "empty_dict"],
 )
 def test_bad_example_inputs(inputs):
     with pytest.raises(fxprune.FxPruneError):
