@@ -297,7 +297,8 @@ def sweep_table(sweep: dict) -> str:
                    f"{_fmt(tp_.get('median_s'))} | {_fmt(tp_.get('median_cpu_s'))} | {_fmt(tpg.get('median_s'))} | "
                    f"{_fmt(fx.get('rss_peak_mib'), '.1f')} | {_fmt(tp_.get('rss_peak_mib'), '.1f')} | "
                    f"{_fmt(fx.get('py_peak_mib'), '.1f')} | {_fmt(tp_.get('py_peak_mib'), '.1f')} |")
-    names = {"fxprune": "fxprune", "tp": "Torch-Pruning build", "tp+groups": "Torch-Pruning build+groups"}
+    names = {"fxprune": "fxprune", "tp": "Torch-Pruning build", "tp+groups": "Torch-Pruning build+groups",
+             "fx-floor": "torch.fx trace + ShapeProp"}
     parts = []
     for tool, name in names.items():
         wall, cpu = sweep["slopes"].get(f"{tool}_wall"), sweep["slopes"].get(f"{tool}_cpu")
