@@ -322,7 +322,9 @@ def _read(directory, device):
         tensors = load_file(tensor_path, device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{tensor_path} cannot be read (truncated or corrupt): {e}") from e
-    return spec, tensors
+    # each tensor in an allocation of its own: views into the file's buffer sit at unaligned
+    # offsets, where CPU kernels take other code paths and round differently from the model saved
+    return spec, {name: t.clone() for name, t in tensors.items()}
 
 
 class _Allow:
