@@ -219,6 +219,11 @@ class ATO:
         calibrate, calibrate_tol: calibrate the frozen mask when its FLOPs ratio misses the
             target by more than ``calibrate_tol`` (absolute, default 0.01).
         seed: controller initialisation and Gumbel noise.
+        process_group: data-parallel training (``torch.distributed``): every rank holds the same
+            controller (same ``seed``, same noise) and runs it on its own held-out batches; the
+            controller's gradients are averaged over this group's ranks before each AdamW step,
+            so the controllers stay equal. Default: the default group when
+            ``torch.distributed`` is initialized with several ranks, else none.
 
     Attributes: ``gated`` (the gated GraphModule, shares the program's parameters),
     ``flops`` (the :class:`~fxprune.flops_model.FlopsModel`), ``controller``,
@@ -237,7 +242,8 @@ class ATO:
                  reg_weight: float = 4.0, reg_coef: float = 2.0, margin: float = 0.005,
                  temperature: float = 0.4, base: float = 3.0, noise: str = "gumbel",
                  embed_dim: int = 64, hidden: int = 128, controller_eval_mode: bool = True,
-                 calibrate: bool = True, calibrate_tol: float = 0.01, seed: int = 0):
+                 calibrate: bool = True, calibrate_tol: float = 0.01, seed: int = 0,
+                 process_group: Any = None):
         from fxprune.optim._groups import ChannelLayout
         from fxprune.passes.gating import insert_gates
 
@@ -263,6 +269,7 @@ class ATO:
         self.reg_weight, self.reg_coef, self.margin = float(reg_weight), float(reg_coef), float(margin)
         self.controller_eval_mode = bool(controller_eval_mode)
         self.calibrate, self.calibrate_tol = bool(calibrate), float(calibrate_tol)
+        self.process_group = process_group
 
         T = self.total_steps
         self.controller_start_step = int(round(controller_start * T))
@@ -474,6 +481,7 @@ class ATO:
         loss = task + self.reg_coef * R
         params = [p for p in ctrl.parameters() if p.requires_grad]
         grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = self._average(params, grads)
         for p, g in zip(params, grads):
             p.grad = g
         self.controller_optimizer.step()
@@ -486,12 +494,31 @@ class ATO:
             self.history[k].append(v)
         return rec
 
+    def _average(self, params: List[torch.Tensor], grads: Sequence[Optional[torch.Tensor]]) -> list:
+        """The controller's gradients averaged over the data-parallel ranks (one all-reduce of
+        their concatenation); as they are without ``torch.distributed``."""
+        import torch.distributed as dist
+
+        group = self.process_group
+        if group is None:
+            if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+                return list(grads)
+            group = dist.group.WORLD
+        world = dist.get_world_size(group)
+        full = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        flat = torch.cat([g.reshape(-1) for g in full])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        flat /= world
+        out = []
+        for g in full:
+            out.append(flat[:g.numel()].view_as(g))
+            flat = flat[g.numel():]
+        return out
+
     @torch.no_grad()
     def proximal_step(self, lr: float, lmbda: Optional[float] = None) -> None:
         """Group-lasso proximal step on the switched-off channels of :meth:`current_mask`:
         ``x_g <- x_g / ||x_g|| * max(0, ||x_g|| - lambda * ratio_l * lr)``."""
-        from fxprune.optim._groups import row_norm
-
         lmbda = self.lmbda_at() if lmbda is None else float(lmbda)
         L = self._layout
         off = ~self.current_mask().to(L.device)
@@ -502,24 +529,18 @@ class ATO:
         per_group.index_add_(0, self._group_of, off.to(torch.float64))
         ratio = (per_group / n_off)[self._group_of]
         has = L.entry_any(L.to_rows(off, False))
-        norms = self._channel_norms(row_norm, has)
+        norms = self._channel_norms(has)
         shrink = lmbda * ratio * float(lr)
         scale = torch.where(off, (norms - shrink).clamp_min(0.0) / norms.clamp_min(1e-30),
                             torch.ones_like(norms))
-        rows = L.to_rows(scale, 1.0)
-        for e, s, h in zip(L.entries, L.split_rows(rows), has):
-            if h:
-                e.param.mul_(s.to(e.param.dtype))
+        L.scale_rows_(L.to_rows(scale, 1.0), has)
 
-    def _channel_norms(self, row_norm, entries: Optional[List[bool]] = None) -> torch.Tensor:
+    def _channel_norms(self, entries: Optional[List[bool]] = None) -> torch.Tensor:
         """``||x_g||`` of every channel (only the rows of ``entries`` flagged True are read;
         channels with rows elsewhere then get partial norms, so callers flag every entry that
-        holds a channel they use)."""
+        holds a channel they use). With sharded parameters, a collective."""
         L = self._layout
-        parts = [row_norm(e.param.detach(), e.dim, e.size).to(torch.float64)
-                 if entries is None or entries[i] else torch.zeros(e.size, dtype=torch.float64, device=L.device)
-                 for i, e in enumerate(L.entries)]
-        return L.channel_sum(torch.cat(parts).square()).sqrt()
+        return L.channel_sum(L.row_sq_norms(torch.float64, entries)).sqrt()
 
     def step(self, optimizer: Optional[torch.optim.Optimizer] = None, *, lr: Optional[float] = None) -> None:
         """Call once after every model optimizer step: a controller step when one is due
@@ -546,11 +567,9 @@ class ATO:
         """Hard-zero the switched-off channels of the frozen mask (``prog.zero_``) and build
         the slim model (``prog.construct_subnet``, verified). Freezes first if needed. Records
         ``residual_norm``: the norm the switched-off channels still had before the hard zero."""
-        from fxprune.optim._groups import row_norm
-
         mask = self.freeze()
         off = ~mask.to(self._layout.device)
-        norms = self._channel_norms(row_norm)
+        norms = self._channel_norms()
         self.residual_norm = float(norms[off].square().sum().sqrt()) if bool(off.any()) else 0.0
         self.prog.zero_(self.masks())
         return self.prog.construct_subnet(verify=verify, rtol=rtol)
