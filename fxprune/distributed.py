@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .errors import UnsupportedInputError
 
-__all__ = ["Context", "init", "shutdown", "wrap", "sync_batchnorm_view", "per_rank_batch",
+__all__ = ["Context", "init", "shutdown", "wrap", "sync_batchnorm_view", "sync_buffers", "per_rank_batch",
            "epoch_loader", "eval_shard", "GradientStep", "PRECISIONS", "program_template",
            "full_state_dict", "construct_subnet"]
 
@@ -177,11 +177,16 @@ def init(device: Optional[str] = None, backend: Optional[str] = None) -> Context
                    device=dev, backend=dist.get_backend(), owns_group=owns)
 
 
-def shutdown(ctx: Context) -> None:
-    """Destroy the process group :func:`init` created (no-op otherwise)."""
+def shutdown(ctx: Context, wait: bool = True) -> None:
+    """Destroy the process group :func:`init` created (no-op otherwise). With ``wait`` (a
+    normal end), once every rank is there: a rank that left early would close connections
+    another rank still reads (gloo aborts on that). ``wait=False`` after an error: the other
+    ranks are not waited for (torchrun stops them when one fails)."""
     if ctx.owns_group:
         dist = _dist()
         if dist.is_initialized():
+            if wait:
+                ctx.barrier()
             dist.destroy_process_group()
 
 
@@ -266,6 +271,18 @@ def _sync_bn(bn: nn.Module) -> nn.SyncBatchNorm:
         setattr(sync, name, b)
     sync.train(bn.training)
     return sync
+
+
+def sync_buffers(module: nn.Module, ctx: Context, src: int = 0) -> None:
+    """Rank ``src``'s buffers (BatchNorm's running statistics) on every rank. DDP broadcasts
+    them at the start of every forward, so after the last training forward each rank holds the
+    statistics of its own share of the batch; call this before evaluating on several ranks, so
+    that they evaluate the model rank 0 saves and exports."""
+    if not ctx.distributed:
+        return
+    dist = _dist()
+    for b in module.buffers():
+        dist.broadcast(b, src=src)
 
 
 # --------------------------------------------------------------------------------------------
