@@ -277,8 +277,12 @@ class ATO:
         self.proximal_start_step = int(round(proximal_start * T))
         self.lmbda_late_step = int(round(lmbda_late_start * T))
 
-        self.gated = insert_gates(prog)
-        self.flops = FlopsModel(prog)
+        from .distributed import fsdp_root_ready, root_unsharded
+
+        fsdp_root_ready(prog)  # FSDP2: the gated copy calls the sharded units, never the root
+        with root_unsharded(prog.module):
+            self.gated = insert_gates(prog)
+            self.flops = FlopsModel(prog)
         self._layout = ChannelLayout(prog.module, prog.groups)
         if self.flops.group_ids != self.gated.group_ids or [g.id for g in self._layout.groups] != self.gated.group_ids:
             raise FxPruneError("inconsistent channel orders between gates, FLOPs model and layout")
@@ -464,23 +468,27 @@ class ATO:
         ctrl = self.controller
         ctrl.train()
         hard, _ = ctrl(self._noise_gen)
+        from .distributed import root_unsharded
+
         gm = self.gated
         modes = [(m, m.training) for m in gm.modules()]  # shared with the user's model
         if self.controller_eval_mode:
             gm.eval()
-        try:
-            with gm.gated(hard):
-                out = gm(*inputs)
-            task = self.loss_fn(out, targets)
-        finally:
-            for m, mode in modes:
-                m.training = mode
-        flops = self.flops(hard)
-        r = (flops - self.flops.fixed) / (self.flops.full - self.flops.fixed)
-        R = flops_regularizer(r, self.p, self.reg_weight, self.margin)
-        loss = task + self.reg_coef * R
         params = [p for p in ctrl.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        # FSDP2: the root unit's parameters gathered through the forward and the backward
+        with root_unsharded(self.prog.module):
+            try:
+                with gm.gated(hard):
+                    out = gm(*inputs)
+                task = self.loss_fn(out, targets)
+            finally:
+                for m, mode in modes:
+                    m.training = mode
+            flops = self.flops(hard)
+            r = (flops - self.flops.fixed) / (self.flops.full - self.flops.fixed)
+            R = flops_regularizer(r, self.p, self.reg_weight, self.margin)
+            loss = task + self.reg_coef * R
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
         grads = self._average(params, grads)
         for p, g in zip(params, grads):
             p.grad = g
@@ -563,16 +571,32 @@ class ATO:
 
     # ------------------------------------------------------------------ the end
     @torch.no_grad()
-    def finalize(self, verify: bool = True, rtol: float = 1e-4):
+    def finalize(self, verify: bool = True, rtol: float = 1e-4, template: Any = None):
         """Hard-zero the switched-off channels of the frozen mask (``prog.zero_``) and build
         the slim model (``prog.construct_subnet``, verified). Freezes first if needed. Records
-        ``residual_norm``: the norm the switched-off channels still had before the hard zero."""
+        ``residual_norm``: the norm the switched-off channels still had before the hard zero.
+
+        With FSDP2-sharded parameters (a collective: every rank calls it), each rank zeroes the
+        channels in its blocks and the slim model is built on rank 0 from the gathered state
+        (:func:`fxprune.distributed.construct_subnet`; ``template``: the
+        :func:`~fxprune.distributed.program_template` made before sharding); other ranks get
+        None."""
         mask = self.freeze()
-        off = ~mask.to(self._layout.device)
+        L = self._layout
+        off = ~mask.to(L.device)
         norms = self._channel_norms()
         self.residual_norm = float(norms[off].square().sum().sqrt()) if bool(off.any()) else 0.0
-        self.prog.zero_(self.masks())
-        return self.prog.construct_subnet(verify=verify, rtol=rtol)
+        if L.sharding is None:
+            self.prog.zero_(self.masks())
+            return self.prog.construct_subnet(verify=verify, rtol=rtol)
+        if template is None:
+            raise UnsupportedInputError("ATO.finalize on sharded parameters needs template=: "
+                                        "fxprune.distributed.program_template(prog), made before fully_shard")
+        from .distributed import construct_subnet
+
+        with torch.no_grad():
+            L.scale_rows_(L.to_rows(mask.to(L.device, torch.float64), 1.0), L.entry_any(L.to_rows(off, False)))
+        return construct_subnet(self.prog, template, verify=verify, rtol=rtol)
 
     def summary(self) -> Dict[str, Any]:
         """Target, FLOPs ratios (controller's raw frozen mask, final mask), kept channels,

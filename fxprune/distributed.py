@@ -465,6 +465,47 @@ def program_template(prog: Any) -> Any:
     return Program(skeleton, inputs, prog.pipeline, modes=prog.modes)
 
 
+def _fsdp_module(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(module, FSDPModule)
+
+
+@contextlib.contextmanager
+def root_unsharded(module: nn.Module) -> Iterator[None]:
+    """FSDP2: the parameters of ``module``'s own FSDP unit gathered (``unshard``) for the block
+    and sharded again after it; a collective. For code that runs ``module``'s submodules
+    without calling ``module`` (a gated copy of its graph): the submodules that are FSDP units
+    gather their own parameters when called, the root's are gathered here. A no-op for a
+    module that is not an FSDP2 unit."""
+    if not _fsdp_module(module):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
+
+
+def fsdp_root_ready(prog: Any) -> None:
+    """FSDP2 takes the first unit whose forward runs as the root of the model. When
+    ``prog.module`` is an FSDP2 unit, run it once on the program's example inputs (eval mode,
+    no gradients, a collective), so that it is the root before any code calls its submodules on
+    their own; a no-op otherwise."""
+    module = prog.module
+    if not _fsdp_module(module):
+        return
+    from fxprune.passes.modes import eval_mode
+
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    inputs = [x.to(device) if isinstance(x, torch.Tensor) else x for x in prog.example_inputs]
+    with torch.no_grad(), eval_mode(module):
+        module(*inputs)
+
+
 def full_state_dict(module: nn.Module) -> dict:
     """The full (unsharded) state dict of an FSDP2 module, on the CPU of rank 0 (empty on the
     other ranks); a collective: every rank calls it. ``torch.distributed.checkpoint``'s

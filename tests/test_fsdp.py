@@ -103,6 +103,7 @@ def _lm_loss(module, tokens, _):
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
 
+DCP_SCENARIO = "cnn-sgd-fused"  # its sharded state also goes to disk with torch.distributed.checkpoint
 DHSPG_KW = dict(target_group_sparsity=0.5, start_pruning_step=5, pruning_steps=20, epsilon=0.5)
 SCENARIOS = {
     "cnn-sgd-fused": dict(build=_cnn, data=lambda t: _image_batch(t, 8, 8, 4), loss=_image_loss, h2=False,
@@ -125,15 +126,15 @@ PROBE = {"cnn": lambda: torch.randn(3, 3, 8, 8, dtype=DTYPE, generator=torch.Gen
          "supernet": lambda: torch.randn(2, 3, 16, 16, dtype=DTYPE, generator=torch.Generator().manual_seed(5))}
 
 
-def _shard(prog) -> None:
-    """FSDP2 over ``prog.module``: every conv/linear of the CNN its own unit (``conv3`` sharded
-    along dim 1), the rest with the root."""
+def _shard(prog, units=("conv1", "conv2", "up", "conv3", "fc")) -> None:
+    """FSDP2 over ``prog.module``: the CNN's ``units`` each their own FSDP unit (``conv3``
+    sharded along dim 1), the rest with the root."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
 
     gm = prog.module
     for name, m in gm.named_children():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        if name in units:
             dim = 1 if name == "conv3" else 0
             fully_shard(m, shard_placement_fn=lambda p, d=dim: Shard(d) if p.dim() > d else Shard(0))
     fully_shard(gm)
@@ -153,10 +154,11 @@ def _outputs(module, x):
     return out.detach()
 
 
-def _train(name: str, rank: int = 0, world: int = 1) -> dict:
+def _train(name: str, rank: int = 0, world: int = 1, dcp_dir=None) -> dict:
     """Train scenario ``name`` for STEPS steps; with ``world`` > 1 under FSDP2 (called on
     every rank). Returns the full parameters, optimizer decisions and the slim model's output
-    (on rank 0)."""
+    (on rank 0). ``dcp_dir``: also save the sharded model state there with
+    ``torch.distributed.checkpoint``."""
     scenario = SCENARIOS[name]
     model, prog = scenario["build"]()
     template = None
@@ -180,6 +182,10 @@ def _train(name: str, rank: int = 0, world: int = 1) -> dict:
                 (scenario["loss"](module, x[r * half:(r + 1) * half], y[r * half:(r + 1) * half]) / WORLD).backward()
         opt.step()
     metrics = opt.metrics()  # a collective under FSDP2
+    if dcp_dir is not None:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(module.state_dict(), checkpoint_id=dcp_dir)
     params, zero_blocks = {}, True
     for n, p in module.named_parameters():
         params[n] = p.full_tensor().detach() if world > 1 else p.detach().clone()
@@ -217,6 +223,48 @@ def _train(name: str, rank: int = 0, world: int = 1) -> dict:
     return out
 
 
+ATO_STEPS = 12
+
+
+def _train_ato(rank: int = 0, world: int = 1) -> dict:
+    """Auto-Train-Once on the CNN (conv1, conv2 their own FSDP units, the rest in the root's):
+    the model takes DHSPG's plain step, the controller one step per model step on its share of
+    a held-out batch, the proximal step from step 2; the masks freeze at step 8."""
+    _, prog = _cnn()
+    template = None
+    if world > 1:
+        template = fxdist.program_template(prog)
+        _shard(prog, units=("conv1", "conv2"))
+    opt = fxprune.DHSPG(prog, lr=0.05, target_group_sparsity=0.0)
+    # the controller's task loss: this rank's half of each held-out batch (its gradients are
+    # averaged over the ranks), or the whole batch in one process
+    held_out = []
+    for t in range(ATO_STEPS):
+        hx, hy = _image_batch(500 + t, 8, 8, 4)
+        half = hx.shape[0] // WORLD
+        held_out.append((hx[rank * half:(rank + 1) * half], hy[rank * half:(rank + 1) * half]) if world > 1
+                        else (hx, hy))
+    ato = fxprune.ATO(prog, 0.6, total_steps=ATO_STEPS, controller_every=1, controller_start=0.0,
+                      mask_freeze=0.7, proximal_start=0.2, lmbda_late_start=0.5, seed=0, controller_data=held_out)
+    for t in range(ATO_STEPS):
+        x, y = _image_batch(t, 8, 8, 4)
+        half = x.shape[0] // WORLD
+        opt.zero_grad(set_to_none=True)
+        for r in ([rank] if world > 1 else range(WORLD)):
+            (F.cross_entropy(prog.module(x[r * half:(r + 1) * half]), y[r * half:(r + 1) * half]) * world / WORLD
+             ).backward()
+        opt.step()
+        ato.step(opt)
+    slim = ato.finalize(template=template)
+    params = {n: (p.full_tensor() if world > 1 else p).detach().clone() for n, p in prog.module.named_parameters()}
+    out = {"controller": {k: v.clone() for k, v in ato.controller.state_dict().items()},
+           "mask": ato.current_mask().clone(), "params": params, "summary": ato.summary()}
+    if slim is not None:
+        with torch.no_grad():
+            out["slim"] = _outputs(slim.eval(), PROBE["cnn"]())
+    return out
+
+
 def _worker(rank: int, port: int, out_dir: str, names) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
@@ -224,7 +272,9 @@ def _worker(rank: int, port: int, out_dir: str, names) -> None:
     ctx = fxdist.init("cpu")
     try:
         for name in names:
-            torch.save(_train(name, rank, WORLD), os.path.join(out_dir, f"{name}.rank{rank}.pt"))
+            dcp_dir = os.path.join(out_dir, f"{name}.dcp") if name == DCP_SCENARIO else None
+            torch.save(_train(name, rank, WORLD, dcp_dir), os.path.join(out_dir, f"{name}.rank{rank}.pt"))
+        torch.save(_train_ato(rank, WORLD), os.path.join(out_dir, f"ato.rank{rank}.pt"))
     finally:
         fxdist.shutdown(ctx)
 
@@ -280,3 +330,36 @@ def test_sharded_training_matches_one_process(sharded_runs, name):
     _assert_close_rel(rank0["slim"], single["slim"], "slim output")
     if single["erased"] is not None:
         assert len(single["erased"]) == len(single["chosen"]) > 0
+
+
+def test_slim_model_from_a_distributed_checkpoint(sharded_runs, tmp_path):
+    """The sharded state saved with torch.distributed.checkpoint, converted to one file and
+    loaded in a single process, gives the slim model of the gathered state."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(sharded_runs / f"{DCP_SCENARIO}.dcp", tmp_path / "full.pt")
+    state = torch.load(tmp_path / "full.pt", weights_only=True)
+    _, prog = SCENARIOS[DCP_SCENARIO]["build"]()
+    slim = fxdist.construct_subnet(prog, fxdist.program_template(prog), state=state).eval()
+    rank0 = torch.load(sharded_runs / f"{DCP_SCENARIO}.rank0.pt", weights_only=True)
+    assert sum(p.numel() for p in slim.parameters()) == rank0["slim_params"]
+    with torch.no_grad():
+        assert torch.equal(_outputs(slim, PROBE["cnn"]()), rank0["slim"])
+
+
+def test_auto_train_once_on_sharded_parameters(sharded_runs):
+    """ATO's controller is replicated and its gradients averaged; its gated copy of the model
+    runs the FSDP2 units; the proximal steps shrink the local blocks: the same masks, controller
+    (float32, up to the order of its gradient sums) and parameters as one process."""
+    single = _train_ato()
+    assert single["summary"]["frozen"] and not bool(single["mask"].all())
+    for rank in range(WORLD):
+        got = torch.load(sharded_runs / f"ato.rank{rank}.pt", weights_only=True)
+        assert torch.equal(got["mask"], single["mask"])
+        for k, v in single["controller"].items():
+            torch.testing.assert_close(got["controller"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+        for n, p in single["params"].items():
+            _assert_close_rel(got["params"][n], p, f"rank {rank} {n}")
+            assert torch.equal(got["params"][n] == 0, p == 0), n
+    rank0 = torch.load(sharded_runs / "ato.rank0.pt", weights_only=True)
+    _assert_close_rel(rank0["slim"], single["slim"], "slim output")
