@@ -1,9 +1,9 @@
 """Training on several processes (:mod:`fxprune.distributed`) and the step helpers every job uses.
 
 Fast tier, one process: the data split of a torchrun job (every global batch is the
-one-process batch), gradient accumulation (k = 4 micro-batches == one 4x batch, DHSPG
-included), mixed precision on the CPU (bf16 autocast; fp16 with a GradScaler whose skipped
-step leaves parameters and DHSPG's state untouched, and whose taken steps see unscaled
+one-process batch), benchmarks/amp_check.py's checks on the CPU (gradient accumulation: k = 4
+micro-batches == one 4x batch, DHSPG included; bf16 autocast; fp16 with a GradScaler whose
+skipped step leaves parameters and DHSPG's state untouched, and whose taken steps see unscaled
 gradients), the SyncBatchNorm view, and the errors.
 
 Slow tier (two CPU processes under ``python -m torch.distributed.run``, gloo; run by CI):
@@ -22,7 +22,6 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import fxprune
 import fxprune.io
@@ -33,32 +32,8 @@ from fxprune.train import LAST, load_checkpoint
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.fc = nn.Linear(8, 5)
-
-    def forward(self, x):
-        x = F.relu(self.c1(x))
-        x = F.relu(x + self.c2(x))
-        return self.fc(x.mean((2, 3)))
-
-
-def _program(dtype=torch.float64):
-    torch.manual_seed(0)
-    model = Net().to(dtype)
-    return fxprune.compile(model, (torch.randn(1, 3, 8, 8, dtype=dtype),))
-
-
-def _batch(t: int, n: int, dtype=torch.float64):
-    gen = torch.Generator().manual_seed(100 + t)
-    return torch.randn(n, 3, 8, 8, generator=gen).to(dtype), torch.randint(0, 5, (n,), generator=gen)
-
-
-OPT = dict(lr=0.05, momentum=0.9, weight_decay=1e-3, target_group_sparsity=0.5, start_pruning_step=2,
-           pruning_steps=6, epsilon=0.5)
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import amp_check  # noqa: E402  (the checks benchmarks/gpu.sh runs on CUDA)
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,109 +68,25 @@ def test_batch_that_does_not_split_is_refused():
 # accumulation and mixed precision
 
 
-def _train(prog, opt, steps: int, batch: int, accumulate: int = 1, precision: str = "fp32"):
-    step = fxdist.GradientStep(prog.module, opt, accumulate=accumulate, precision=precision)
-    dtype = next(prog.module.parameters()).dtype
-    for t in range(steps):
-        x, y = _batch(t, batch, dtype)
-        opt.zero_grad(set_to_none=True)
-        for i, (xm, ym) in enumerate(step.split(x, y)):
-            with step.forward(i):
-                loss = F.cross_entropy(prog.module(xm), ym)
-            step.backward(loss)
-        step.step()
-    return step
+@pytest.mark.parametrize("check", ["accumulation", "unscaled", "skip", "fp16", "bf16"])
+def test_step_helpers_on_the_cpu(check):
+    """benchmarks/amp_check.py's checks, on the CPU: k = 4 micro-batches equal one 4x batch
+    (DHSPG's partition, projections and parameters); DHSPG under a GradScaler sees unscaled
+    gradients; a step the scaler skips changes no parameter and no DHSPG state; fp16 and bf16
+    autocast train to the exact target with an exact slim model."""
+    cpu = torch.device("cpu")
+    fn = {"accumulation": amp_check.check_accumulation, "unscaled": amp_check.check_unscaled,
+          "skip": amp_check.check_skip, "fp16": lambda d: amp_check.check_training(d, "fp16"),
+          "bf16": lambda d: amp_check.check_training(d, "bf16")}[check]
+    row = fn(cpu)
+    assert row["ok"], row["detail"]
 
 
-def test_accumulation_of_four_micro_batches_is_one_larger_batch():
-    """DHSPG with k = 4 micro-batches of 4 takes the steps of batches of 16: the same
-    partition, projections and parameters (float64, up to summation order)."""
-    big, acc = _program(), _program()
-    o_big, o_acc = fxprune.DHSPG(big, **OPT), fxprune.DHSPG(acc, **OPT)
-    _train(big, o_big, 10, 16)
-    _train(acc, o_acc, 10, 16, accumulate=4)
-    assert o_big.metrics()["zero_channels"] == o_big.target_channels > 0
-    assert torch.equal(o_big.redundant, o_acc.redundant) and torch.equal(o_big.projected, o_acc.projected)
-    for (n, p), q in zip(big.module.named_parameters(), acc.module.parameters()):
-        torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-12, msg=n)
-        assert torch.equal(p == 0, q == 0), n
+def test_uneven_micro_batches_are_refused():
+    prog = amp_check.program(torch.device("cpu"))
+    step = fxdist.GradientStep(prog.module, fxprune.DHSPG(prog, lr=0.1), accumulate=4)
     with pytest.raises(fxprune.UnsupportedInputError, match="--accumulate 4"):
-        fxdist.GradientStep(acc.module, o_acc, accumulate=4).split(torch.zeros(6, 3))
-
-
-def test_grad_scaler_passes_unscaled_gradients():
-    """Under a GradScaler DHSPG steps with the unscaled gradients: with a power-of-two scale
-    the parameters are exactly those of an unscaled run."""
-    plain, scaled = _program(torch.float32), _program(torch.float32)
-    o_plain, o_scaled = fxprune.DHSPG(plain, **OPT), fxprune.DHSPG(scaled, **OPT)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
-    for t in range(8):
-        x, y = _batch(t, 8, torch.float32)
-        for prog, opt in ((plain, o_plain), (scaled, o_scaled)):
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(prog.module(x), y)
-            if opt is o_scaled:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
-    assert torch.equal(o_plain.projected, o_scaled.projected) and bool(o_plain.projected.any())
-    for p, q in zip(plain.module.parameters(), scaled.module.parameters()):
-        assert torch.equal(p, q)
-
-
-def _snapshot(prog, opt):
-    sd = opt.state_dict()
-    return ([p.detach().clone() for p in prog.module.parameters()],
-            {k: {n: (v.clone() if torch.is_tensor(v) else v) for n, v in st.items()} for k, st in sd["state"].items()},
-            {k: (v.clone() if torch.is_tensor(v) else v) for k, v in sd["dhspg"].items()})
-
-
-def _equal(a, b) -> bool:
-    if torch.is_tensor(a):
-        return torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    return a == b
-
-
-def test_fp16_step_skipped_by_the_scaler_changes_nothing():
-    """fp16 autocast with a GradScaler on the CPU (the CUDA path is the same code, checked by
-    benchmarks/amp_check.py): a step whose gradients hold an inf is skipped by the scaler, and
-    DHSPG's parameters, buffers, step counter, partition and projections stay as they were;
-    training then goes on and meets the target."""
-    prog = _program(torch.float32)
-    opt = fxprune.DHSPG(prog, **OPT)
-    step = _train(prog, opt, 3, 8, precision="fp16")  # the partition is made at step 2
-    assert opt.step_count == 3 and bool(opt.redundant.any()) and step.skipped == 0
-    before = _snapshot(prog, opt)
-    scale = step.scaler.get_scale()
-    x, y = _batch(50, 8, torch.float32)
-    opt.zero_grad(set_to_none=True)
-    with step.forward(0):
-        loss = F.cross_entropy(prog.module(x), y)
-    step.backward(loss)
-    next(prog.module.parameters()).grad.view(-1)[0] = float("inf")
-    assert step.step() is False and step.skipped == 1
-    assert step.scaler.get_scale() < scale
-    assert _equal(_snapshot(prog, opt), before)
-    step2 = _train(prog, opt, 6, 8, precision="fp16")
-    assert step2.skipped == 0
-    m = opt.metrics()
-    assert m["zero_channels"] == opt.target_channels > 0 and m["step"] == 9
-
-
-def test_bf16_autocast_trains_to_the_target():
-    prog = _program(torch.float32)
-    opt = fxprune.DHSPG(prog, **OPT)
-    _train(prog, opt, 9, 8, accumulate=2, precision="bf16")
-    assert all(p.dtype == torch.float32 for p in prog.module.parameters())
-    assert opt.metrics()["zero_channels"] == opt.target_channels > 0
-    prog.construct_subnet()  # verified
+        step.split(torch.zeros(6, 3))
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,7 +114,7 @@ def test_sync_batchnorm_view_shares_the_model():
 
 
 def test_sync_bn_without_cuda_is_refused():
-    prog = _program(torch.float32)
+    prog = amp_check.program(torch.device("cpu"))
     with pytest.raises(fxprune.UnsupportedInputError, match="--sync-bn needs CUDA"):
         fxdist.wrap(prog.module, fxdist.Context(rank=0, world_size=2), sync_bn=True)
     assert fxdist.wrap(prog.module, fxdist.Context(), sync_bn=True) is prog.module
@@ -292,7 +183,7 @@ def test_two_process_resume_is_bit_identical(plain_two, tmp_path):
     a, b = final_state(plain_two), final_state(tmp_path)
     assert a["world_size"] == b["world_size"] == 2
     for part in ("model", "optimizer", "rng", "rng_ranks"):
-        assert _equal(a[part], b[part]), part
+        assert amp_check.equal(a[part], b[part]), part
     ra, rb = report_of(plain_two), report_of(tmp_path)
     for key in ("accuracy", "max_abs_output_diff", "params", "flops", "zero_channels"):
         assert ra[key] == rb[key], key
