@@ -356,7 +356,10 @@ class GradientStep:
             in their dtype (float32). ``"fp16"`` scales the loss with ``torch.amp.GradScaler``:
             ``scaler.step`` unscales the gradients before the optimizer sees them and skips
             ``optimizer.step()`` when they hold an inf or NaN (DHSPG's step counter, partition,
-            projections and buffers are then untouched), and ``update`` lowers the scale.
+            projections and buffers are then untouched), and ``update`` lowers the scale. With
+            sharded parameters (FSDP2) it is ``ShardedGradScaler``, which all-reduces the
+            inf/NaN flag: a rank whose gradient block overflows makes every rank skip the step
+            (one rank stepping alone would leave DHSPG's collectives unmatched).
         device: the device of the forward (its type picks the autocast and scaler device).
 
     Usage, per optimizer step::
@@ -381,7 +384,16 @@ class GradientStep:
         self.precision = precision
         self.device_type = torch.device(device).type
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        self.scaler = torch.amp.GradScaler(self.device_type) if precision == "fp16" else None
+        self.scaler = None
+        if precision == "fp16":
+            from .optim._sharding import any_sharded
+
+            if any_sharded(p for g in optimizer.param_groups for p in g["params"]):
+                from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+                self.scaler = ShardedGradScaler(self.device_type)
+            else:
+                self.scaler = torch.amp.GradScaler(self.device_type)
         #: optimizer steps the scaler skipped (inf/NaN gradients)
         self.skipped = 0
 

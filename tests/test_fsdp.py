@@ -265,6 +265,29 @@ def _train_ato(rank: int = 0, world: int = 1) -> dict:
     return out
 
 
+def _skipped_step(rank: int) -> list:
+    """fp16 autocast through GradientStep (ShardedGradScaler under FSDP2): an inf in rank 1's
+    gradient block at step 3 makes both ranks skip that step. Returns DHSPG's step count after
+    each step."""
+    torch.manual_seed(0)
+    prog = fxprune.compile(SmallCNN(), (torch.randn(1, 3, 8, 8),))
+    _shard(prog)
+    opt = fxprune.DHSPG(prog, lr=0.05, start_pruning_step=1, pruning_steps=4)
+    step = fxdist.GradientStep(prog.module, opt, precision="fp16")
+    counts = []
+    for t in range(5):
+        x, y = _image_batch(t, 8, 8, 4)
+        opt.zero_grad(set_to_none=True)
+        with step.forward(0):
+            loss = F.cross_entropy(prog.module(x[rank * 4:(rank + 1) * 4].float()), y[rank * 4:(rank + 1) * 4])
+        step.backward(loss)
+        if t == 3 and rank == 1:
+            next(prog.module.parameters()).grad.to_local().view(-1)[0] = float("inf")
+        step.step()
+        counts.append(opt.step_count)
+    return counts
+
+
 def _worker(rank: int, port: int, out_dir: str, names) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
@@ -275,6 +298,7 @@ def _worker(rank: int, port: int, out_dir: str, names) -> None:
             dcp_dir = os.path.join(out_dir, f"{name}.dcp") if name == DCP_SCENARIO else None
             torch.save(_train(name, rank, WORLD, dcp_dir), os.path.join(out_dir, f"{name}.rank{rank}.pt"))
         torch.save(_train_ato(rank, WORLD), os.path.join(out_dir, f"ato.rank{rank}.pt"))
+        torch.save(_skipped_step(rank), os.path.join(out_dir, f"skip.rank{rank}.pt"))
     finally:
         fxdist.shutdown(ctx)
 
@@ -363,3 +387,8 @@ def test_auto_train_once_on_sharded_parameters(sharded_runs):
             assert torch.equal(got["params"][n] == 0, p == 0), n
     rank0 = torch.load(sharded_runs / "ato.rank0.pt", weights_only=True)
     _assert_close_rel(rank0["slim"], single["slim"], "slim output")
+
+
+def test_a_step_skipped_on_one_rank_is_skipped_on_all(sharded_runs):
+    counts = [torch.load(sharded_runs / f"skip.rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    assert counts[0] == counts[1] == [1, 2, 3, 3, 4]
