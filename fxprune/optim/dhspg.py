@@ -136,6 +136,16 @@ class DHSPG(torch.optim.Optimizer):
             the stock ``torch`` ops. Both paths take the same steps up to rounding; the
             attribute ``fused`` says which one runs.
 
+    **Sharded parameters (FSDP2).** Built after ``torch.distributed.fsdp.fully_shard`` (as any
+    optimizer), DHSPG steps the ``DTensor`` parameters' local blocks: directions and optimizer
+    state (``DTensor`` like the parameters) are local; the per-row sums ``||x||^2``,
+    ``<x, d>``, ``||d||^2`` of the local blocks are all-reduced over the mesh before the channel
+    math (a channel's rows may lie in one rank's block or be split over all of them), so every
+    rank takes the same partition, lambdas, projections and quota, and a projected channel is
+    exactly zero in every block. The step and :meth:`metrics` are then collectives: every rank
+    calls them. See :mod:`fxprune.optim._sharding`. Under DistributedDataParallel nothing is
+    reduced: the gradients are averaged already and every rank computes the same step.
+
     Units: ``lr``, ``weight_decay``, ``lmbda`` are per step and unitless, as in
     ``torch.optim``; steps are optimizer steps (not epochs).
 
