@@ -219,6 +219,11 @@ class ATO:
         calibrate, calibrate_tol: calibrate the frozen mask when its FLOPs ratio misses the
             target by more than ``calibrate_tol`` (absolute, default 0.01).
         seed: controller initialisation and Gumbel noise.
+        process_group: data-parallel training (``torch.distributed``): every rank holds the same
+            controller (same ``seed``, same noise) and runs it on its own held-out batches; the
+            controller's gradients are averaged over this group's ranks before each AdamW step,
+            so the controllers stay equal. Default: the default group when
+            ``torch.distributed`` is initialized with several ranks, else none.
 
     Attributes: ``gated`` (the gated GraphModule, shares the program's parameters),
     ``flops`` (the :class:`~fxprune.flops_model.FlopsModel`), ``controller``,
@@ -237,7 +242,8 @@ class ATO:
                  reg_weight: float = 4.0, reg_coef: float = 2.0, margin: float = 0.005,
                  temperature: float = 0.4, base: float = 3.0, noise: str = "gumbel",
                  embed_dim: int = 64, hidden: int = 128, controller_eval_mode: bool = True,
-                 calibrate: bool = True, calibrate_tol: float = 0.01, seed: int = 0):
+                 calibrate: bool = True, calibrate_tol: float = 0.01, seed: int = 0,
+                 process_group: Any = None):
         from fxprune.optim._groups import ChannelLayout
         from fxprune.passes.gating import insert_gates
 
@@ -263,6 +269,7 @@ class ATO:
         self.reg_weight, self.reg_coef, self.margin = float(reg_weight), float(reg_coef), float(margin)
         self.controller_eval_mode = bool(controller_eval_mode)
         self.calibrate, self.calibrate_tol = bool(calibrate), float(calibrate_tol)
+        self.process_group = process_group
 
         T = self.total_steps
         self.controller_start_step = int(round(controller_start * T))
@@ -270,8 +277,12 @@ class ATO:
         self.proximal_start_step = int(round(proximal_start * T))
         self.lmbda_late_step = int(round(lmbda_late_start * T))
 
-        self.gated = insert_gates(prog)
-        self.flops = FlopsModel(prog)
+        from .distributed import fsdp_root_ready, root_unsharded
+
+        fsdp_root_ready(prog)  # FSDP2: the gated copy calls the sharded units, never the root
+        with root_unsharded(prog.module):
+            self.gated = insert_gates(prog)
+            self.flops = FlopsModel(prog)
         self._layout = ChannelLayout(prog.module, prog.groups)
         if self.flops.group_ids != self.gated.group_ids or [g.id for g in self._layout.groups] != self.gated.group_ids:
             raise FxPruneError("inconsistent channel orders between gates, FLOPs model and layout")
@@ -457,23 +468,28 @@ class ATO:
         ctrl = self.controller
         ctrl.train()
         hard, _ = ctrl(self._noise_gen)
+        from .distributed import root_unsharded
+
         gm = self.gated
         modes = [(m, m.training) for m in gm.modules()]  # shared with the user's model
         if self.controller_eval_mode:
             gm.eval()
-        try:
-            with gm.gated(hard):
-                out = gm(*inputs)
-            task = self.loss_fn(out, targets)
-        finally:
-            for m, mode in modes:
-                m.training = mode
-        flops = self.flops(hard)
-        r = (flops - self.flops.fixed) / (self.flops.full - self.flops.fixed)
-        R = flops_regularizer(r, self.p, self.reg_weight, self.margin)
-        loss = task + self.reg_coef * R
         params = [p for p in ctrl.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        # FSDP2: the root unit's parameters gathered through the forward and the backward
+        with root_unsharded(self.prog.module):
+            try:
+                with gm.gated(hard):
+                    out = gm(*inputs)
+                task = self.loss_fn(out, targets)
+            finally:
+                for m, mode in modes:
+                    m.training = mode
+            flops = self.flops(hard)
+            r = (flops - self.flops.fixed) / (self.flops.full - self.flops.fixed)
+            R = flops_regularizer(r, self.p, self.reg_weight, self.margin)
+            loss = task + self.reg_coef * R
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = self._average(params, grads)
         for p, g in zip(params, grads):
             p.grad = g
         self.controller_optimizer.step()
@@ -486,12 +502,31 @@ class ATO:
             self.history[k].append(v)
         return rec
 
+    def _average(self, params: List[torch.Tensor], grads: Sequence[Optional[torch.Tensor]]) -> list:
+        """The controller's gradients averaged over the data-parallel ranks (one all-reduce of
+        their concatenation); as they are without ``torch.distributed``."""
+        import torch.distributed as dist
+
+        group = self.process_group
+        if group is None:
+            if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+                return list(grads)
+            group = dist.group.WORLD
+        world = dist.get_world_size(group)
+        full = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        flat = torch.cat([g.reshape(-1) for g in full])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        flat /= world
+        out = []
+        for g in full:
+            out.append(flat[:g.numel()].view_as(g))
+            flat = flat[g.numel():]
+        return out
+
     @torch.no_grad()
     def proximal_step(self, lr: float, lmbda: Optional[float] = None) -> None:
         """Group-lasso proximal step on the switched-off channels of :meth:`current_mask`:
         ``x_g <- x_g / ||x_g|| * max(0, ||x_g|| - lambda * ratio_l * lr)``."""
-        from fxprune.optim._groups import row_norm
-
         lmbda = self.lmbda_at() if lmbda is None else float(lmbda)
         L = self._layout
         off = ~self.current_mask().to(L.device)
@@ -502,24 +537,18 @@ class ATO:
         per_group.index_add_(0, self._group_of, off.to(torch.float64))
         ratio = (per_group / n_off)[self._group_of]
         has = L.entry_any(L.to_rows(off, False))
-        norms = self._channel_norms(row_norm, has)
+        norms = self._channel_norms(has)
         shrink = lmbda * ratio * float(lr)
         scale = torch.where(off, (norms - shrink).clamp_min(0.0) / norms.clamp_min(1e-30),
                             torch.ones_like(norms))
-        rows = L.to_rows(scale, 1.0)
-        for e, s, h in zip(L.entries, L.split_rows(rows), has):
-            if h:
-                e.param.mul_(s.to(e.param.dtype))
+        L.scale_rows_(L.to_rows(scale, 1.0), has)
 
-    def _channel_norms(self, row_norm, entries: Optional[List[bool]] = None) -> torch.Tensor:
+    def _channel_norms(self, entries: Optional[List[bool]] = None) -> torch.Tensor:
         """``||x_g||`` of every channel (only the rows of ``entries`` flagged True are read;
         channels with rows elsewhere then get partial norms, so callers flag every entry that
-        holds a channel they use)."""
+        holds a channel they use). With sharded parameters, a collective."""
         L = self._layout
-        parts = [row_norm(e.param.detach(), e.dim, e.size).to(torch.float64)
-                 if entries is None or entries[i] else torch.zeros(e.size, dtype=torch.float64, device=L.device)
-                 for i, e in enumerate(L.entries)]
-        return L.channel_sum(torch.cat(parts).square()).sqrt()
+        return L.channel_sum(L.row_sq_norms(torch.float64, entries)).sqrt()
 
     def step(self, optimizer: Optional[torch.optim.Optimizer] = None, *, lr: Optional[float] = None) -> None:
         """Call once after every model optimizer step: a controller step when one is due
@@ -542,18 +571,32 @@ class ATO:
 
     # ------------------------------------------------------------------ the end
     @torch.no_grad()
-    def finalize(self, verify: bool = True, rtol: float = 1e-4):
+    def finalize(self, verify: bool = True, rtol: float = 1e-4, template: Any = None):
         """Hard-zero the switched-off channels of the frozen mask (``prog.zero_``) and build
         the slim model (``prog.construct_subnet``, verified). Freezes first if needed. Records
-        ``residual_norm``: the norm the switched-off channels still had before the hard zero."""
-        from fxprune.optim._groups import row_norm
+        ``residual_norm``: the norm the switched-off channels still had before the hard zero.
 
+        With FSDP2-sharded parameters (a collective: every rank calls it), each rank zeroes the
+        channels in its blocks and the slim model is built on rank 0 from the gathered state
+        (:func:`fxprune.distributed.construct_subnet`; ``template``: the
+        :func:`~fxprune.distributed.program_template` made before sharding); other ranks get
+        None."""
         mask = self.freeze()
-        off = ~mask.to(self._layout.device)
-        norms = self._channel_norms(row_norm)
+        L = self._layout
+        off = ~mask.to(L.device)
+        norms = self._channel_norms()
         self.residual_norm = float(norms[off].square().sum().sqrt()) if bool(off.any()) else 0.0
-        self.prog.zero_(self.masks())
-        return self.prog.construct_subnet(verify=verify, rtol=rtol)
+        if L.sharding is None:
+            self.prog.zero_(self.masks())
+            return self.prog.construct_subnet(verify=verify, rtol=rtol)
+        if template is None:
+            raise UnsupportedInputError("ATO.finalize on sharded parameters needs template=: "
+                                        "fxprune.distributed.program_template(prog), made before fully_shard")
+        from .distributed import construct_subnet
+
+        with torch.no_grad():
+            L.scale_rows_(L.to_rows(mask.to(L.device, torch.float64), 1.0), L.entry_any(L.to_rows(off, False)))
+        return construct_subnet(self.prog, template, verify=verify, rtol=rtol)
 
     def summary(self) -> Dict[str, Any]:
         """Target, FLOPs ratios (controller's raw frozen mask, final mask), kept channels,

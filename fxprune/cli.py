@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(e.g. fxprune.models:tiny_resnet)")
     opt("--dataset", str, d.dataset, "'digits' (scikit-learn, bundled) or an ImageFolder path")
     opt("--epochs", int, d.epochs, "training epochs")
-    opt("--batch-size", int, d.batch_size, "batch size")
+    opt("--batch-size", int, d.batch_size, "batch size (under torchrun: the global batch, split "
+        "evenly over the processes)")
     opt("--lr", float, d.lr, "peak learning rate")
     opt("--optimizer", str, d.optimizer, "DHSPG base update", choices=("sgd", "adam", "adamw"))
     opt("--momentum", float, d.momentum, "SGD momentum")
@@ -71,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
         "out for the controller")
     opt("--seed", int, d.seed, "random seed (model initialisation and data order)")
     opt("--image-size", int, d.image_size, "input images are resized to this square size")
+    opt("--accumulate", int, d.accumulate, "micro-batches per optimizer step (gradient accumulation): "
+        "each --batch-size batch is split into this many, and the step sees their mean gradient")
+    opt("--precision", str, d.precision, "fp32, or mixed precision: bf16 or fp16 autocast (fp16 with "
+        "a GradScaler, whose skipped steps skip DHSPG's)", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--sync-bn", action="store_true", default=None, help="under torchrun: BatchNorm "
+                   "with the statistics of the global batch (SyncBatchNorm, CUDA only)")
     opt("--train-subset", int, "all", "use only the first N training examples")
     opt("--test-subset", int, "all", "use only the first N test examples")
     p.add_argument("--out", default=None, help="output directory (default: runs/<dataset>-<model>)")

@@ -72,19 +72,24 @@ def adapt_to_small_images(model: nn.Module, in_channels: int = 3) -> nn.Module:
     return model
 
 
-class _Block(nn.Module):
-    """A basic residual block: conv-bn-relu-conv-bn plus a (projected) shortcut."""
+def _norm(c: int, norm: bool) -> nn.Module:
+    return nn.BatchNorm2d(c) if norm else nn.Identity()
 
-    def __init__(self, cin: int, cout: int, stride: int):
+
+class _Block(nn.Module):
+    """A basic residual block: conv-bn-relu-conv-bn plus a (projected) shortcut; without
+    ``norm``, biased convs and no BatchNorm."""
+
+    def __init__(self, cin: int, cout: int, stride: int, norm: bool = True):
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=not norm)
+        self.bn1 = _norm(cout, norm)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=not norm)
+        self.bn2 = _norm(cout, norm)
         self.shortcut = nn.Identity()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                          nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=not norm),
+                                          _norm(cout, norm))
 
     def forward(self, x):
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -92,14 +97,15 @@ class _Block(nn.Module):
 
 
 class TinyResNet(nn.Module):
-    """A two-stage residual network, small enough for tests and quick demonstrations."""
+    """A two-stage residual network, small enough for tests and quick demonstrations
+    (``norm=False``: without BatchNorm)."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 8):
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 8, norm: bool = True):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
-                                  nn.BatchNorm2d(width), nn.ReLU())
-        self.layer1 = _Block(width, width, 1)
-        self.layer2 = _Block(width, 2 * width, 2)
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=not norm),
+                                  _norm(width, norm), nn.ReLU())
+        self.layer1 = _Block(width, width, 1, norm)
+        self.layer2 = _Block(width, 2 * width, 2, norm)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(2 * width, num_classes)
 
@@ -111,6 +117,13 @@ class TinyResNet(nn.Module):
 def tiny_resnet(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """``--model fxprune.models:tiny_resnet``."""
     return TinyResNet(num_classes, in_channels)
+
+
+def tiny_plain_resnet(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """``--model fxprune.models:tiny_plain_resnet``: :class:`TinyResNet` without BatchNorm. With
+    no batch statistics, a data-parallel run takes the steps of one process with the same
+    global batch."""
+    return TinyResNet(num_classes, in_channels, norm=False)
 
 
 def _import_factory(spec: str) -> Callable[..., nn.Module]:

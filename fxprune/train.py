@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from . import data as data_lib
+from . import distributed as dist_lib
 from . import models as model_lib
 from .errors import CheckpointError
 
@@ -72,6 +73,9 @@ class TrainConfig:
     method: str = "dhspg"  # "dhspg" (OTOv2; H2SPG in erase mode) or "ato" (Auto-Train-Once)
     target_flops: float = 0.5  # ATO: kept fraction of the full model's FLOPs
     held_out_fraction: float = 0.05  # ATO: share of the training set the controller trains on
+    accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation)
+    precision: str = "fp32"  # "fp32", "bf16" or "fp16" (autocast; fp16 with a GradScaler)
+    sync_bn: bool = False  # SyncBatchNorm over the processes of a torchrun job (CUDA)
 
 
 # Settings a resumed run may change; every other one must match the checkpoint.
@@ -292,7 +296,24 @@ def train(config: TrainConfig, options: Optional[RunOptions] = None,
     """Run training as configured; returns the report (also written to OUT/report.json).
 
     ``given``: with ``options.resume``, the settings the user passed explicitly; they are
-    checked against (or, for ``epochs``, applied to) the checkpoint's config."""
+    checked against (or, for ``epochs``, applied to) the checkpoint's config.
+
+    Launched by ``torchrun --nproc_per_node N``, every process runs this: the model trains
+    under DistributedDataParallel, each process on ``batch_size / N`` examples of every
+    global batch (:mod:`fxprune.distributed`); rank 0 prints, writes the checkpoints, the slim
+    model and the report, which every rank returns."""
+    ctx = dist_lib.init((options or RunOptions()).device)
+    ok = False
+    try:
+        report = _train(config, options, given, ctx)
+        ok = True
+        return report
+    finally:
+        dist_lib.shutdown(ctx, wait=ok)
+
+
+def _train(config: TrainConfig, options: Optional[RunOptions], given: Optional[Dict[str, Any]],
+           ctx: dist_lib.Context) -> Dict[str, Any]:
     import fxprune
     from tqdm.auto import tqdm
 
@@ -306,8 +327,9 @@ def train(config: TrainConfig, options: Optional[RunOptions] = None,
         config = resume_config(ckpt["config"], given or {})
         out = out or os.path.dirname(os.path.dirname(os.path.abspath(path)))
     out = out or default_out(config)
-    device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = ctx.device
     _check(config)
+    per_rank = dist_lib.per_rank_batch(config.batch_size, ctx, config.accumulate)
 
     splits = data_lib.load(config.dataset, config.image_size, config.train_subset,
                            config.test_subset)
@@ -320,6 +342,7 @@ def train(config: TrainConfig, options: Optional[RunOptions] = None,
     model.eval()  # tracing runs the model once; eval keeps BatchNorm statistics untouched
     prog = fxprune.compile(model, example, mode=config.mode)
     net = prog.module
+    train_model = dist_lib.wrap(net, ctx, sync_bn=config.sync_bn)  # DDP on several processes
     train_set, ato = splits.train, None
     if config.method == "ato":
         from .ato import held_out_split
@@ -338,8 +361,11 @@ def train(config: TrainConfig, options: Optional[RunOptions] = None,
         # continues it exactly.
         ato = fxprune.ATO(prog, config.target_flops, total_steps=config.epochs * spe,
                           controller_every=1, controller_lr=1e-2, seed=config.seed,
-                          controller_data=DataLoader(held_out, batch_size=64,
+                          controller_data=DataLoader(dist_lib.eval_shard(held_out, ctx),
+                                                     batch_size=max(1, 64 // ctx.world_size),
                                                      num_workers=options.num_workers))
+    stepper = dist_lib.GradientStep(train_model, opt, accumulate=config.accumulate,
+                                    precision=config.precision, device=device)
     data_gen = torch.Generator()
     start_epoch, history = 0, []
     if ckpt is not None:
@@ -347,47 +373,55 @@ def train(config: TrainConfig, options: Optional[RunOptions] = None,
         opt.load_state_dict(ckpt["optimizer"])
         if ato is not None:
             ato.load_state_dict(ckpt["ato"])
-        set_rng_state(ckpt["rng"], data_gen)
+        if "grad_step" in ckpt:
+            stepper.load_state_dict(ckpt["grad_step"])
+        set_rng_state(_rank_rng(ckpt, ctx), data_gen)
         start_epoch, history = int(ckpt["epoch"]), list(ckpt["history"])
     pruning_end = config.start_pruning_epoch + config.pruning_epochs
-    if target > 0 and config.epochs < pruning_end:
+    if target > 0 and config.epochs < pruning_end and ctx.is_main:
         print(f"warning: pruning ends at epoch {pruning_end:g} but the run stops after "
               f"{config.epochs}; the sparsity target will not be reached")
 
-    loader_kw = dict(batch_size=config.batch_size, num_workers=options.num_workers,
-                     drop_last=len(train_set) >= config.batch_size)
+    loader_kw = dict(num_workers=options.num_workers, drop_last=len(train_set) >= config.batch_size)
     test_loader = DataLoader(splits.test, batch_size=256, num_workers=options.num_workers)
+    # each process evaluates its share of the test set; the counts are summed
+    test_shard = DataLoader(dist_lib.eval_shard(splits.test, ctx), batch_size=256,
+                            num_workers=options.num_workers)
     for epoch in range(start_epoch, config.epochs):
         t0, c0 = time.perf_counter(), time.process_time()
         order = data_lib.epoch_order(len(train_set), data_gen, config.seed, epoch)
-        loader = DataLoader(train_set, sampler=order, **loader_kw)
+        loader = dist_lib.epoch_loader(train_set, order, config.batch_size, ctx, **loader_kw)
         net.train()
         seen = correct = 0
         loss_sum = 0.0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not options.progress,
-                   dynamic_ncols=True, leave=True)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}",
+                   disable=not (options.progress and ctx.is_main), dynamic_ncols=True, leave=True)
         sparsity = _sparsity(opt, ato)
         for i, (x, y) in enumerate(bar):
             x, y = x.to(device), y.to(device)
             lr = lr_at(config, epoch * spe + i, spe)
             for g in opt.param_groups:
                 g["lr"] = lr
-            logits = net(x)
-            loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            for j, (xm, ym) in enumerate(stepper.split(x, y)):
+                with stepper.forward(j):
+                    logits = train_model(xm)
+                    loss = F.cross_entropy(logits, ym)
+                stepper.backward(loss)
+                seen += ym.numel()
+                correct += int((logits.argmax(1) == ym).sum())
+                loss_sum += loss.item() * ym.numel()
+            stepper.step()
             if ato is not None:
                 ato.step(opt)
-            seen += y.numel()
-            correct += int((logits.argmax(1) == y).sum())
-            loss_sum += loss.item() * y.numel()
             if i % 10 == 9 or i == len(loader) - 1:
                 sparsity = _sparsity(opt, ato)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
                             gs=f"{sparsity:.3f}", lr=f"{lr:.3g}")
         bar.close()
-        test_acc, _ = evaluate(net, test_loader, device)
+        loss_sum, correct, seen = ctx.all_reduce_sum([loss_sum, correct, seen])
+        dist_lib.sync_buffers(net, ctx)  # rank 0's BatchNorm statistics, the ones it saves
+        test_acc, _ = evaluate(net, test_shard, device, ctx)
         metrics = opt.metrics()
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
                         "train_accuracy": 100 * correct / max(seen, 1), "test_accuracy": test_acc,
@@ -395,30 +429,58 @@ def train(config: TrainConfig, options: Optional[RunOptions] = None,
                         "zero_channels": metrics["zero_channels"], "lr": lr,
                         "seconds": time.perf_counter() - t0,
                         "cpu_seconds": time.process_time() - c0})
-        print(f"epoch {epoch + 1}/{config.epochs}: loss {loss_sum / max(seen, 1):.4f}  "
-              f"train {100 * correct / max(seen, 1):.2f}%  test {test_acc:.2f}%  "
-              f"group sparsity {metrics['group_sparsity']:.3f}  "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        if ctx.is_main:
+            print(f"epoch {epoch + 1}/{config.epochs}: loss {loss_sum / max(seen, 1):.4f}  "
+                  f"train {100 * correct / max(seen, 1):.2f}%  test {test_acc:.2f}%  "
+                  f"group sparsity {metrics['group_sparsity']:.3f}  "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
         state = {"epoch": epoch + 1, "config": dataclasses.asdict(config),
                  "model": net.state_dict(), "optimizer": opt.state_dict(),
                  "rng": rng_state(data_gen), "history": history}
         if ato is not None:
             state["ato"] = ato.state_dict()
-        save_checkpoint(state, os.path.join(out, "checkpoints"))
+        if stepper.scaler is not None:
+            state["grad_step"] = stepper.state_dict()
+        if ctx.distributed:  # every rank's random state, for a bit-identical resume
+            state["world_size"] = ctx.world_size
+            state["rng_ranks"] = ctx.all_gather_object(state["rng"])
+        ctx.on_main(save_checkpoint, state, os.path.join(out, "checkpoints"))
 
-    report = finish(prog, opt, splits, test_loader, example, config, out, history, device, ato)
-    report["wall_time_s"] = {"train": sum(h["seconds"] for h in history),
-                             "this_invocation": time.perf_counter() - t_start}
-    report["cpu_time_s"] = {"train": sum(h["cpu_seconds"] for h in history),
-                            "this_invocation": time.process_time() - c_start}
-    _write_json(os.path.join(out, "report.json"), report)
-    print(summary_table(report, out))
-    return report
+    # rank 0 builds, checks and saves the slim model on the whole test set
+    report = ctx.on_main(finish, prog, opt, splits, test_loader, example, config, out, history, device, ato)
+    if ctx.is_main:
+        report["world_size"] = ctx.world_size
+        report["per_process_batch_size"] = per_rank
+        report["skipped_steps"] = stepper.skipped
+        report["wall_time_s"] = {"train": sum(h["seconds"] for h in history),
+                                 "this_invocation": time.perf_counter() - t_start}
+        report["cpu_time_s"] = {"train": sum(h["cpu_seconds"] for h in history),
+                                "this_invocation": time.process_time() - c_start}
+        _write_json(os.path.join(out, "report.json"), report)
+        print(summary_table(report, out))
+    return ctx.broadcast_object(report)
+
+
+def _rank_rng(ckpt: Dict[str, Any], ctx: dist_lib.Context) -> Dict[str, Any]:
+    """The random state this rank resumes from: its own when the checkpoint was written by as
+    many processes, else rank 0's (the run then continues, not bit-identical to one that was
+    not interrupted)."""
+    saved = int(ckpt.get("world_size", 1))
+    if saved == ctx.world_size:
+        return ckpt["rng_ranks"][ctx.rank] if "rng_ranks" in ckpt else ckpt["rng"]
+    if ctx.is_main:
+        print(f"warning: the checkpoint was written by {saved} process(es), this run has "
+              f"{ctx.world_size}; it continues with rank 0's random state and is not bit-identical "
+              f"to an uninterrupted run")
+    return ckpt["rng"]
 
 
 @torch.no_grad()
-def evaluate(net: torch.nn.Module, loader: DataLoader, device) -> Tuple[float, torch.Tensor]:
-    """Test accuracy (%) of ``net`` in eval mode and its logits, in loader order."""
+def evaluate(net: torch.nn.Module, loader: DataLoader, device,
+             ctx: Optional[dist_lib.Context] = None) -> Tuple[float, torch.Tensor]:
+    """Test accuracy (%) of ``net`` in eval mode and its logits, in loader order. With ``ctx``
+    each process passes its share of the test set (:func:`fxprune.distributed.eval_shard`);
+    the accuracy counts every share, the logits are this process's."""
     was_training = net.training
     net.eval()
     outs, labels = [], []
@@ -427,7 +489,10 @@ def evaluate(net: torch.nn.Module, loader: DataLoader, device) -> Tuple[float, t
         labels.append(y)
     net.train(was_training)
     logits, labels = torch.cat(outs), torch.cat(labels)
-    return 100.0 * int((logits.argmax(1) == labels).sum()) / max(len(labels), 1), logits
+    correct, n = int((logits.argmax(1) == labels).sum()), len(labels)
+    if ctx is not None:
+        correct, n = ctx.all_reduce_sum([correct, n])
+    return 100.0 * correct / max(n, 1), logits
 
 
 def finish(prog, opt, splits, test_loader, example, config: TrainConfig, out: str,
@@ -522,6 +587,10 @@ def _check(config: TrainConfig) -> None:
         raise ValueError(f"--optimizer must be sgd, adam or adamw, not {config.optimizer!r}")
     if config.epochs < 1 or config.batch_size < 1:
         raise ValueError("--epochs and --batch-size must be at least 1")
+    if config.accumulate < 1:
+        raise ValueError(f"--accumulate must be at least 1, not {config.accumulate}")
+    if config.precision not in dist_lib.PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(dist_lib.PRECISIONS)}, not {config.precision!r}")
 
 
 def _write_json(path: str, obj: Any) -> None:

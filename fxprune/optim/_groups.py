@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..errors import FxPruneError
+from . import _sharding
 
 _TINY = 1e-30
 
@@ -60,6 +61,10 @@ class Entry:
         row_numel: number of scalars in one row (``param.numel() // size``).
         start: offset of this entry's rows in the flat row space.
         shape: broadcast shape of a per-row vector (``size`` at ``dim``, 1 elsewhere).
+        lo, n: the rank's rows along ``dim`` are global rows ``lo .. lo + n - 1`` (``0``,
+            ``size`` unless the parameter is a sharded ``DTensor``, see :mod:`._sharding`).
+        row0: flat row of the rank's first row, ``start + lo``.
+        owner: whether the rank's values of this entry count in cross-rank sums.
     """
 
     name: str
@@ -71,6 +76,21 @@ class Entry:
     start: int = 0
     shape: Tuple[int, ...] = ()
     vector: bool = False
+    lo: int = 0
+    n: int = 0
+    row0: int = 0
+    owner: bool = True
+
+    def local(self) -> torch.Tensor:
+        """The rank's block of the parameter (the parameter itself when not sharded)."""
+        return _sharding.local(self.param)
+
+    def local_part(self, rows: torch.Tensor) -> torch.Tensor:
+        """A per-row vector of this entry (``[size]`` or viewed as ``shape``), narrowed to the
+        rank's rows."""
+        if self.lo == 0 and self.n == self.size:
+            return rows
+        return rows.narrow(self.dim if rows.dim() > 1 else 0, self.lo, self.n)
 
 
 class ChannelLayout:
@@ -88,6 +108,8 @@ class ChannelLayout:
         channel_numel: ``Tensor[C]`` (float), number of scalars per channel (``n_g``).
         entries: the (parameter, dim) entries, in order of first appearance.
         num_rows: ``R``, total rows over all entries.
+        sharding: a :class:`._sharding.Sharding` when some parameter is a ``DTensor`` (FSDP2),
+            else None. Row sums of local blocks then go through :meth:`reduce_rows_`.
     """
 
     def __init__(self, module: torch.nn.Module, groups: Sequence) -> None:
@@ -153,6 +175,12 @@ class ChannelLayout:
             e.vector = nd <= 1
             e.chan = e.chan.to(self.device)
         self.num_rows = start
+        params = [e.param for e in self.entries]
+        self.sharding = _sharding.Sharding(params) if _sharding.any_sharded(params) else None
+        for e, (lo, n, owner) in zip(self.entries, _sharding.entry_blocks(self.sharding, self.entries)):
+            e.lo, e.n, e.row0, e.owner = lo, n, e.start + lo, owner
+        #: flat rows whose local sums must not count (entries of replicas other than the owner)
+        self._not_owned = [(e.row0, e.n) for e in self.entries if not e.owner]
 
         dev = self.device
         C = self.num_channels
@@ -185,6 +213,39 @@ class ChannelLayout:
             torch.tensor(self.entry_sizes, dtype=torch.long, device=dev)
         ) if self.entries else torch.zeros(0, dtype=torch.float64, device=dev)
         self.channel_numel = self.channel_sum(row_numel)
+
+    # ----------------------------------------------------------------- sharded parameters
+    def reduce_rows_(self, rows: torch.Tensor) -> torch.Tensor:
+        """Make per-row sums of local blocks (``[k, R]`` or ``[R]``, zero at rows the rank does
+        not hold) global: drop the rows of entries the rank does not own, then sum over the
+        ranks (a collective: every rank calls it). A no-op without sharding."""
+        if self.sharding is None:
+            return rows
+        for r0, n in self._not_owned:
+            rows[..., r0:r0 + n] = 0
+        return self.sharding.all_reduce_(rows)
+
+    def row_sq_norms(self, dtype: torch.dtype, entries: Optional[Sequence[bool]] = None) -> torch.Tensor:
+        """``||row||^2`` of every flat row, ``Tensor[R]`` of ``dtype``, over the global parameters
+        (reduced across ranks when sharded); rows of entries flagged False in ``entries`` are 0."""
+        if self.sharding is None:
+            parts = [row_norm(e.param.detach(), e.dim, e.size).to(dtype)
+                     if entries is None or entries[i] else torch.zeros(e.size, dtype=dtype, device=self.device)
+                     for i, e in enumerate(self.entries)]
+            return torch.cat(parts).square_() if parts else torch.zeros(0, dtype=dtype, device=self.device)
+        out = torch.zeros(self.num_rows, dtype=dtype, device=self.device)
+        for i, e in enumerate(self.entries):
+            if (entries is None or entries[i]) and e.n:
+                out[e.row0:e.row0 + e.n] = row_norm(e.local().detach(), e.dim, e.n).to(dtype).square_()
+        return self.reduce_rows_(out)
+
+    def scale_rows_(self, rows: torch.Tensor, entries: Optional[Sequence[bool]] = None) -> None:
+        """``x <- s * x`` over every entry (flagged True in ``entries``) with the flat per-row
+        scales ``rows[R]``, on the rank's blocks."""
+        for e, s, flag in zip(self.entries, self.split_rows(rows), entries or [True] * len(self.entries)):
+            if flag and e.n:
+                x = e.local()
+                x.mul_(e.local_part(s).to(x.dtype))
 
     # ----------------------------------------------------------------- flat <-> channels
     def channel_sum(self, rows: torch.Tensor) -> torch.Tensor:

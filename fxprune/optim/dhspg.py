@@ -17,6 +17,7 @@ import torch
 
 from . import _fused
 from ._groups import ChannelLayout, acc_dtype, redundancy_saliency, row_dot, row_norm
+from ._sharding import like, local
 
 __all__ = ["DHSPG"]
 
@@ -134,6 +135,16 @@ class DHSPG(torch.optim.Optimizer):
             :class:`fxprune.UnsupportedInputError` when the kernels cannot be built. ``False``:
             the stock ``torch`` ops. Both paths take the same steps up to rounding; the
             attribute ``fused`` says which one runs.
+
+    **Sharded parameters (FSDP2).** Built after ``torch.distributed.fsdp.fully_shard`` (as any
+    optimizer), DHSPG steps the ``DTensor`` parameters' local blocks: directions and optimizer
+    state (``DTensor`` like the parameters) are local; the per-row sums ``||x||^2``,
+    ``<x, d>``, ``||d||^2`` of the local blocks are all-reduced over the mesh before the channel
+    math (a channel's rows may lie in one rank's block or be split over all of them), so every
+    rank takes the same partition, lambdas, projections and quota, and a projected channel is
+    exactly zero in every block. The step and :meth:`metrics` are then collectives: every rank
+    calls them. See :mod:`fxprune.optim._sharding`. Under DistributedDataParallel nothing is
+    reduced: the gradients are averaged already and every rank computes the same step.
 
     Units: ``lr``, ``weight_decay``, ``lmbda`` are per step and unitless, as in
     ``torch.optim``; steps are optimizer steps (not epochs).
@@ -279,7 +290,7 @@ class DHSPG(torch.optim.Optimizer):
             self._param_entries.setdefault(id(e.param), []).append(i)
         #: id(parameter) -> first flat row of its one entry along dim 0 (fused kernels), or -1
         self._fused_start: Dict[int, int] = {
-            pid: layout.entries[ix[0]].start if len(ix) == 1 and layout.entries[ix[0]].dim == 0 else -1
+            pid: layout.entries[ix[0]].row0 if len(ix) == 1 and layout.entries[ix[0]].dim == 0 else -1
             for pid, ix in self._param_entries.items()}
         self._step_fused: set = set()  # ids of the parameters the current step gives the kernels
 
@@ -371,7 +382,7 @@ class DHSPG(torch.optim.Optimizer):
                     continue
                 out = self._direction(p, group, keep_d)
                 if keep_d:
-                    directions[id(p)] = (p,) + out + (group["lr"],)
+                    directions[id(p)] = (local(p),) + out + (group["lr"],)
                     self._matrix_row_stats(p, out[0], need_entry, stats, filled)
             for ps in fused.values():
                 deferred.append(self._fused_sgd(ps, group, need_param, defer, stats, filled, directions))
@@ -381,6 +392,7 @@ class DHSPG(torch.optim.Optimizer):
         s_rows = None
         if pruning:
             self._row_stats(need_entry, directions, stats, filled)
+            L.reduce_rows_(stats)  # sharded parameters: local partial sums -> global (collective)
             scales, s_rows = self._pruning_math(t, need_entry, directions, stats)
 
         # 3. updates that waited for the channel math: x <- s * x - lr * d.
@@ -398,12 +410,14 @@ class DHSPG(torch.optim.Optimizer):
         """Update the state of ``p`` and its base direction ``d = a * d_raw + b * x``.
 
         With ``keep_d`` returns ``(d_raw, a, b)`` (scalars ``a``, ``b``) and leaves ``p``
-        alone; otherwise applies ``x <- x - lr * d`` now and returns None.
+        alone; otherwise applies ``x <- x - lr * d`` now and returns None. A sharded ``p``
+        (``DTensor``) steps its local block; its state tensors are ``DTensor`` like ``p``.
         """
-        grad = p.grad
+        param = p
+        p, grad = local(param), local(param.grad)
         wd = group["weight_decay"]
         lr = group["lr"]
-        state = self.state[p]
+        state = self.state[param]
         if self.variant == "sgd":
             mom = group["momentum"]
             if mom == 0.0:
@@ -415,10 +429,10 @@ class DHSPG(torch.optim.Optimizer):
                     p.add_(grad, alpha=-lr)
                 return None
             g = grad.add(p, alpha=wd) if wd != 0.0 else grad
-            buf = state.get("momentum_buffer")
+            buf = local(state.get("momentum_buffer"))
             if buf is None:
                 buf = torch.clone(g).detach() if g is grad else g
-                state["momentum_buffer"] = buf
+                state["momentum_buffer"] = like(param, buf)
             else:
                 torch.add(g, buf, alpha=mom, out=buf)
             d = g.add(buf, alpha=mom) if group["nesterov"] else buf
@@ -430,13 +444,13 @@ class DHSPG(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         if not state:
             state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg"] = like(param, torch.zeros_like(p, memory_format=torch.preserve_format))
+            state["exp_avg_sq"] = like(param, torch.zeros_like(p, memory_format=torch.preserve_format))
         if self.variant == "adam" and wd != 0.0:
             grad = grad.add(p, alpha=wd)
         state["step"] = int(state["step"]) + 1
         n = state["step"]
-        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m, v = local(state["exp_avg"]), local(state["exp_avg_sq"])
         m.lerp_(grad, 1.0 - beta1)
         v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
         bc1 = 1.0 - beta1 ** n
@@ -521,7 +535,7 @@ class DHSPG(torch.optim.Optimizer):
         if self.variant != "sgd" or group["nesterov"] or group["momentum"] == 0.0:
             return False
         buf = self.state[p].get("momentum_buffer")
-        if buf is None or not _fused.takes(p, p.grad, buf):
+        if buf is None or not _fused.takes(local(p), local(p.grad), local(buf)):
             return False
         return not keep_d or (self._fused_start.get(id(p), -1) >= 0 and p.dtype == self._acc)
 
@@ -534,23 +548,24 @@ class DHSPG(torch.optim.Optimizer):
         ``(xs, directions, starts, lr)``."""
         L = self._layout
         lr = group["lr"]
-        bufs = [self.state[p]["momentum_buffer"] for p in ps]
+        bufs = [local(self.state[p]["momentum_buffer"]) for p in ps]
+        xs = [local(p) for p in ps]
         starts, later = [], ([], [], [], lr)
-        for p, buf in zip(ps, bufs):
+        for p, x, buf in zip(ps, xs, bufs):
             start = -1
             if id(p) in need_param:
                 i = self._param_entries[id(p)][0]
-                start = L.entries[i].start
+                start = L.entries[i].row0
                 filled[i] = True
-                directions[id(p)] = (p, buf, 1.0, 0.0, lr)
+                directions[id(p)] = (x, buf, 1.0, 0.0, lr)
                 self._step_fused.add(id(p))
                 if defer is not None:
-                    later[0].append(p)
+                    later[0].append(x)
                     later[1].append(buf)
                     later[2].append(start)
             starts.append(start)
-        _fused.sgd_step(ps, [p.grad for p in ps], bufs, starts, group["momentum"], group["weight_decay"], lr,
-                        defer, stats)
+        _fused.sgd_step(xs, [local(p.grad) for p in ps], bufs, starts, group["momentum"], group["weight_decay"],
+                        lr, defer, stats)
         return later
 
     def _scratch_for(self, x: torch.Tensor) -> torch.Tensor:
@@ -588,21 +603,23 @@ class DHSPG(torch.optim.Optimizer):
         into their columns of ``stats`` (``[3, R]``), marked in ``filled``. Vector entries (one
         scalar per row) are left to :meth:`_row_stats`, which does them all at once."""
         L = self._layout
-        x = p.detach()
+        x = local(p).detach()
         for i in self._param_entries.get(id(p), ()):
             e = L.entries[i]
             if not need_entry[i] or e.vector:
                 continue
             filled[i] = True
+            if not e.n:  # a sharded parameter with no rows on this rank
+                continue
             if self.fused and e.dim == 0 and x.dtype == stats.dtype and _fused.takes(x, d_raw):
-                _fused.row_stats(x, d_raw, stats, e.start)
+                _fused.row_stats(x, d_raw, stats, e.row0)
                 continue
             # row_dot writes products only for half precision (see its docstring)
             scratch = None if x.dtype == acc_dtype(x) else self._scratch_for(x)
-            nx = row_norm(x, e.dim, e.size)
-            nd = row_norm(d_raw, e.dim, e.size)
-            xd = row_dot(x, d_raw, e.dim, e.size, scratch)
-            stats[:, e.start:e.start + e.size].copy_(torch.stack([nx.square_(), xd, nd.square_()]))
+            nx = row_norm(x, e.dim, e.n)
+            nd = row_norm(d_raw, e.dim, e.n)
+            xd = row_dot(x, d_raw, e.dim, e.n, scratch)
+            stats[:, e.row0:e.row0 + e.n].copy_(torch.stack([nx.square_(), xd, nd.square_()]))
 
     def _row_stats(self, need_entry: List[bool], directions, stats: torch.Tensor,
                    filled: List[bool]) -> None:
@@ -612,16 +629,16 @@ class DHSPG(torch.optim.Optimizer):
         L = self._layout
         vx_i, vx, vd = [], [], []  # vector entries: all in one op each on their concatenation
         for i, e in enumerate(L.entries):
-            if filled[i] or not need_entry[i]:
+            if filled[i] or not need_entry[i] or not e.n:
                 continue
-            x = e.param.detach()
+            x = e.local().detach()
             kept = directions.get(id(e.param))
             if e.vector:
                 vx_i.append(i)
                 vx.append(x.reshape(-1))
                 vd.append(None if kept is None else kept[1].reshape(-1))
             else:  # a matrix entry without a kept direction: only ||x||
-                stats[0, e.start:e.start + e.size] = row_norm(x, e.dim, e.size).square_()
+                stats[0, e.row0:e.row0 + e.n] = row_norm(x, e.dim, e.n).square_()
         if not vx:
             return
         # a BatchNorm's weight and bias are many small tensors: per-tensor kernels would cost more
@@ -630,7 +647,7 @@ class DHSPG(torch.optim.Optimizer):
         cd = torch.cat([x.new_zeros(x.shape) if d is None else d for x, d in zip(vx, vd)]).to(stats.dtype)
         key = tuple(vx_i)
         if self._vector_rows[0] != key:
-            L_rows = [torch.arange(L.entries[i].start, L.entries[i].start + L.entries[i].size,
+            L_rows = [torch.arange(L.entries[i].row0, L.entries[i].row0 + L.entries[i].n,
                                    device=L.device) for i in vx_i]
             self._vector_rows = (key, torch.cat(L_rows))
         stats.index_copy_(1, self._vector_rows[1], torch.stack([cx * cx, cx * cd, cd * cd]))
@@ -770,7 +787,7 @@ class DHSPG(torch.optim.Optimizer):
             pid = id(e.param)
             if need_entry[i] and pid in directions and pid not in self._step_fused:
                 parts = L.split_rows(s_rows) if parts is None else parts
-                scales.setdefault(pid, []).append((e.dim, parts[i]))
+                scales.setdefault(pid, []).append((e.dim, e.local_part(parts[i])))
         # Fold the decoupled decay (b != 0) into the first scale of each parameter.
         for pid, lst in scales.items():
             p, _, _, b_p, lr_p = directions[pid]
@@ -797,12 +814,18 @@ class DHSPG(torch.optim.Optimizer):
             self._zero_param_rows(p, dim, r)
 
     def _zero_param_rows(self, p: torch.Tensor, dim: int, rows: torch.Tensor) -> None:
-        """Set ``rows`` along ``dim`` of ``p`` and of its parameter-shaped optimizer state
-        (momentum buffer, Adam moments) to exactly 0."""
-        p.index_fill_(dim, rows, 0)
+        """Set ``rows`` (global positions) along ``dim`` of ``p`` and of its parameter-shaped
+        optimizer state (momentum buffer, Adam moments) to exactly 0; a sharded ``p`` zeroes
+        the positions of its local block."""
+        sharding = self._layout.sharding
+        if sharding is not None:
+            rows = sharding.localize(p, dim, rows)
+            if not rows.numel():
+                return
+        local(p).index_fill_(dim, rows, 0)
         for v in self.state.get(p, {}).values():
             if torch.is_tensor(v) and v.shape == p.shape:
-                v.index_fill_(dim, rows, 0)
+                local(v).index_fill_(dim, rows, 0)
 
     # ------------------------------------------------------------------ reporting
     @torch.no_grad()
@@ -819,9 +842,8 @@ class DHSPG(torch.optim.Optimizer):
         L = self._layout
         dh = self._dh
         C = L.num_channels
-        if L.entries:
-            parts = [row_norm(e.param.detach(), e.dim, e.size).to(self._acc) for e in L.entries]
-            xx = L.channel_sum(torch.cat(parts).square_())
+        if L.entries:  # sharded parameters: a collective, every rank calls metrics()
+            xx = L.channel_sum(L.row_sq_norms(self._acc))
         else:
             xx = torch.zeros(C, dtype=self._acc)
         zero = int(((xx == 0) & self._zeroable).sum())
