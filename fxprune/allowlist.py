@@ -84,18 +84,16 @@ def qualified_name(fn: Callable) -> str:
     ``module.Class.apply`` for a custom ``torch.autograd.Function``."""
     cls = autograd_function_of(fn)
     if cls is not None:
-        return f"{cls.__module__}.{cls.__qualname__}.{fn.__name__}"
+        return f"{cls.__module__}.{cls.__qualname__}.apply"
     name = torch.fx.node._get_qualified_name(fn)
     return "operator." + name[len("_operator."):] if name.startswith("_operator.") else name
 
 
 def autograd_function_of(fn) -> Optional[type]:
-    """``X`` if ``fn`` is ``X.apply`` of a ``torch.autograd.Function`` subclass ``X``."""
-    owner = getattr(fn, "__self__", None)
-    if (inspect.ismethod(fn) and isinstance(owner, type)
-            and issubclass(owner, torch.autograd.Function) and fn.__name__ == "apply"):
-        return owner
-    return None
+    """``X`` if ``fn`` calls ``X.apply`` of a custom ``torch.autograd.Function`` ``X``."""
+    from .passes.autograd_functions import autograd_function
+
+    return autograd_function(fn)
 
 
 def _named(table: Dict[str, Callable], fn) -> None:
@@ -191,7 +189,9 @@ def function(name: str, allow_class: Callable[[str], Optional[type]]):
         cls = allowed_autograd_functions().get(owner) or allow_class(owner)
         if isinstance(cls, type) and issubclass(cls, torch.autograd.Function) \
                 and cls is not torch.autograd.Function:
-            return cls.apply
+            from .passes.autograd_functions import function_apply
+
+            return function_apply(cls)
     return None
 
 

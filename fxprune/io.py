@@ -171,7 +171,12 @@ def _describe_node(node: torch.fx.Node) -> dict:
     target = node.target
     if node.op == "call_function":
         target = allowlist.qualified_name(target)
-        if _resolve_or_none(target) != node.target:
+        cls = allowlist.autograd_function_of(node.target)
+        if cls is not None:  # a custom autograd Function: its class must be importable
+            if _resolve_or_none(target.rpartition(".")[0]) is not cls:
+                raise UnsupportedInputError(f"node {node.name!r}: autograd Function {target} is not "
+                                            f"importable by its name")
+        elif _resolve_or_none(target) != node.target:
             raise UnsupportedInputError(f"node {node.name!r}: function {target} is not "
                                         f"importable by its name")
     try:
@@ -250,6 +255,10 @@ def _module_source(gm: torch.fx.GraphModule, class_name: str) -> str:
 def _import_line(name: str, obj: Any) -> str:
     if name == "torch" or getattr(builtins, name, None) is obj:
         return ""
+    cls = allowlist.autograd_function_of(obj)
+    if cls is not None:
+        return (f"import {cls.__module__}\nimport fxprune.passes.autograd_functions\n{name} = "
+                f"fxprune.passes.autograd_functions.function_apply({cls.__module__}.{cls.__qualname__})")
     if name in ("inf", "nan"):
         return f"{name} = float({name!r})"
     if obj is type(None):

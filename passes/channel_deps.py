@@ -21,6 +21,7 @@ from fxprune.ir import Group, Slice
 
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from .autograd_functions import autograd_function, describe as describe_autograd_function
 from .channels import ZERO, TensorChannels, unique_sorted
 from .lookup import Lookup
 from .op_semantics import META_SPEC
@@ -139,6 +140,8 @@ def _op_name(node: torch.fx.Node, module: Optional[torch.nn.Module]) -> str:
     if node.op == "call_method":
         return f"method Tensor.{node.target}"
     t = node.target
+    if autograd_function(t) is not None:
+        return describe_autograd_function(t)
     return f"function {getattr(t, '__module__', '')}.{getattr(t, '__name__', repr(t))}"
 
 
