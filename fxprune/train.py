@@ -24,9 +24,11 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
 import random
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -179,10 +181,14 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}.{hint}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols concern its own API
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
+        # torch's own message advises loading with weights_only=False, which would run the
+        # file's pickled code: it is not passed on, not even as the cause
         raise CheckpointError(f"checkpoint {path} cannot be read; it is truncated or corrupt "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}).{hint}") from e
+                              f"({_unreadable(path, e)}).{hint}") from None
     if not (isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT):
         raise CheckpointError(f"{path} is not an fxprune training checkpoint.{hint}")
     if payload.get("version") != CHECKPOINT_VERSION:
@@ -193,6 +199,17 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is corrupt: its contents do not match the "
                               f"digest written with them.{hint}")
     return state
+
+
+def _unreadable(path: str, error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` could not read a checkpoint, in fxprune's words."""
+    if os.path.getsize(path) == 0:
+        return "the file is empty"
+    if isinstance(error, pickle.UnpicklingError):
+        return "it holds objects other than the tensors and plain values a checkpoint holds"
+    if "zip" in str(error) or "PytorchStreamReader" in str(error):
+        return f"it is not a complete checkpoint archive ({os.path.getsize(path)} bytes)"
+    return type(error).__name__
 
 
 def resume_path(out: str) -> str:
