@@ -270,6 +270,7 @@ class ATO:
         self.proximal_start_step = int(round(proximal_start * T))
         self.lmbda_late_step = int(round(lmbda_late_start * T))
 
+        prog.check_construction()  # groups whose removal cannot be built are frozen before training
         self.gated = insert_gates(prog)
         self.flops = FlopsModel(prog)
         self._layout = ChannelLayout(prog.module, prog.groups)
