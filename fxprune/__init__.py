@@ -15,6 +15,7 @@ The public names load on first use, so that ``fxprune train -h`` answers without
 torch.
 """
 import importlib
+import importlib.util
 import sys
 import types
 
@@ -43,8 +44,8 @@ def __getattr__(name):
         value = getattr(importlib.import_module(module, __name__), attr)
         globals()[name] = value  # cached: the next access does not come here
         return value
-    if name == "testing":
-        return importlib.import_module(".testing", __name__)
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f".{name}", __name__)  # a submodule: fxprune.testing, ...
     raise AttributeError(f"module 'fxprune' has no attribute {name!r}")
 
 

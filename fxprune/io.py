@@ -81,7 +81,7 @@ _ATTRIBUTE = re.compile(r"[A-Za-z][A-Za-z0-9_]*")  # a module attribute: never "
 # of torch.fx; never a dunder (torch.fx writes such names into generated code)
 _MEMBER = re.compile(r"_?[A-Za-z0-9][A-Za-z0-9_-]*")
 _TENSOR_KEY = re.compile(r"{0}(\.{0})*".format(_MEMBER.pattern))
-_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+_MODULE_NAME = re.compile(r"(?!__)[A-Za-z_][A-Za-z0-9_]*(\.(?!__)[A-Za-z_][A-Za-z0-9_]*)*")  # no dunder part
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 

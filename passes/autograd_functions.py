@@ -177,11 +177,15 @@ def marked_for_export() -> Iterator[Marks]:
                 for i, a in enumerate(flat)]
         args, kwargs = pytree.tree_unflatten(flat, spec)
         out = _original(cls, *args, **kwargs)
-        leaves = pytree.tree_flatten_with_path(out)[0]
-        marks.calls[call] = _Call(cls, flat, spec, [p for p, v in leaves if isinstance(v, torch.Tensor)])
-        tensor_index = {id(v): j for j, (_, v) in enumerate(x for x in leaves if isinstance(x[1], torch.Tensor))}
-        return pytree.tree_map(lambda v: _boundary(v, call, tensor_index[id(v)], True)
-                               if isinstance(v, torch.Tensor) else v, out)
+        leaves, out_spec = pytree.tree_flatten_with_path(out)
+        paths, marked = [], []
+        for path, v in leaves:
+            if isinstance(v, torch.Tensor):
+                v = _boundary(v, call, len(paths), True)
+                paths.append(path)
+            marked.append(v)
+        marks.calls[call] = _Call(cls, flat, spec, paths)
+        return pytree.tree_unflatten(marked, out_spec)
 
     with _patched_apply(apply):
         yield marks

@@ -136,3 +136,40 @@ def test_saved_slim_model_loads_only_when_the_function_is_allowed(net, tmp_path)
         torch.testing.assert_close(loaded(x), slim(x))
     assert [autograd_function(n.target) for n in loaded.graph.nodes
             if autograd_function(n.target)] == [RoundSTE, ScaleGrad]
+
+
+class TwoOutputs(torch.autograd.Function):
+    """Returns (rounded x, 2 x) with straight-through gradients for both."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x), x * 2
+
+    @staticmethod
+    def backward(ctx, g_round, g_double):
+        return g_round + 2 * g_double
+
+
+class TupleNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        r, d = TwoOutputs.apply(self.c1(x) * 3)
+        return self.c2(r + d * d)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_function_with_several_outputs(frontend):
+    torch.manual_seed(0)
+    model, x = TupleNet().eval(), torch.randn(2, 3, 6, 6)
+    prog = fxprune.compile(model, (x,), frontend=frontend)
+    assert sum(autograd_function(n.target) is TwoOutputs for n in prog.module.graph.nodes) == 1
+    assert not any("round" in str(n.target) for n in prog.module.graph.nodes)
+    ref, got = _grads(model, x), _grads(prog.module, x)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(prog.module(x), model(x), rtol=0, atol=0)

@@ -248,17 +248,22 @@ def test_help_imports_no_torch():
     assert "--overwrite" in proc.stdout and "--no-progress" in proc.stdout
 
 
-@pytest.fixture
-def nothing_loaded(monkeypatch):
-    """Fail the test if data is loaded or a model compiled."""
+def _refuse(monkeypatch, *names):
+    """Fail the test if any of ``fxprune.data.load`` / ``fxprune.program.compile`` is called."""
     import fxprune.data
     import fxprune.program
 
     def refuse(*a, **k):
-        raise AssertionError("loaded data or compiled a model before validating the flags")
+        raise AssertionError(f"called one of {names} before the flags and data were checked")
 
-    monkeypatch.setattr(fxprune.data, "load", refuse)
-    monkeypatch.setattr(fxprune.program, "compile", refuse)
+    for name in names:
+        module, attr = name.rsplit(".", 1)
+        monkeypatch.setattr({"data": fxprune.data, "program": fxprune.program}[module], attr, refuse)
+
+
+@pytest.fixture
+def nothing_loaded(monkeypatch):
+    _refuse(monkeypatch, "data.load", "program.compile")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -312,12 +317,7 @@ def _images(folder, n, size=12):
 
 @pytest.fixture
 def no_compile(monkeypatch):
-    import fxprune.program
-
-    def refuse(*a, **k):
-        raise AssertionError("compiled a model with unusable data")
-
-    monkeypatch.setattr(fxprune.program, "compile", refuse)
+    _refuse(monkeypatch, "program.compile")
 
 
 @pytest.mark.parametrize("case", ["empty folder", "one class", "garbage image", "truncated jpeg"])
