@@ -56,7 +56,7 @@ from fxprune.train import RunOptions, TrainConfig, evaluate, lr_at, seed_everyth
 def fxprune_run(config: TrainConfig, label: str, workdir: str) -> dict:
     """One ``fxprune train`` run; its report reduced to the table's numbers."""
     t0 = time.perf_counter()
-    rep = train(config, RunOptions(out=os.path.join(workdir, label), progress=False))
+    rep = train(config, RunOptions(out=os.path.join(workdir, label), progress=False, overwrite=True))
     return {"method": label.split("@")[0], "label": label,
             "accuracy": rep["accuracy"]["slim"], "accuracy_full": rep["accuracy"]["full"],
             "flops_full": rep["flops"]["full"], "flops_slim": rep["flops"]["slim"],

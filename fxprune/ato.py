@@ -277,6 +277,7 @@ class ATO:
         self.proximal_start_step = int(round(proximal_start * T))
         self.lmbda_late_step = int(round(lmbda_late_start * T))
 
+        prog.check_construction()  # groups whose removal cannot be built are frozen before training
         from .distributed import fsdp_root_ready, root_unsharded
 
         fsdp_root_ready(prog)  # FSDP2: the gated copy calls the sharded units, never the root

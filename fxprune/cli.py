@@ -13,14 +13,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from typing import List, Optional
 
-from .errors import FxPruneError
-from .export import ATOL, FORMATS, RTOL, export
-from .train import RunOptions, TrainConfig, train
+# Nothing here imports torch: `fxprune train -h` answers at once, and the flags are checked
+# (fxprune.config) before any library, data or model is loaded. The work is imported after.
+from .config import EXPORT_ATOL as ATOL, EXPORT_FORMATS as FORMATS, EXPORT_RTOL as RTOL
+from .config import RunOptions, TrainConfig, validate
+from .errors import ConfigError, DatasetError, FxPruneError
 
 _DEFAULTS = TrainConfig()
+USAGE_ERROR = 2  # bad flags or data: one line on stderr, as argparse's own errors
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``fxprune train: error: argument --epochs: ... (see -h)``."""
+
+    def error(self, message):
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
 
 
 def _epochs_list(text: str) -> List[float]:
@@ -28,9 +39,8 @@ def _epochs_list(text: str) -> List[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fxprune", description="fxprune: train once, get an "
-                                     "exact slim network.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="fxprune", description="fxprune: train once, get an exact slim network.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser(
         "train", help="train with DHSPG (or H2SPG, ATO) and export the slim model",
         description="Train a model from scratch with the DHSPG optimizer (H2SPG with --mode "
@@ -86,7 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "come from the checkpoint, and only --epochs may change")
     p.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default: 0)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an OUT that holds an "
+                   "earlier run, replacing its checkpoints, slim model and report")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars; one line per epoch "
+                   "(for logs and CI)")
     _add_export_parser(sub)
     return parser
 
@@ -122,9 +135,15 @@ def _add_export_parser(sub) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    for name in ("rtol", "atol"):
+        if not getattr(args, name) >= 0:
+            return _usage_error("export", ConfigError(f"--{name} must be at least 0, not {getattr(args, name)}"))
+    if not os.path.isdir(args.slim_dir):
+        return _usage_error("export", ConfigError(f"SLIM_DIR {args.slim_dir!r} is not a directory"))
     import torch
 
     from . import io
+    from .export import export
 
     gen = torch.Generator().manual_seed(0)
     inputs = tuple(torch.randn(shape, generator=gen) for shape in args.input_shape)
@@ -145,15 +164,25 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _export(args)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    config = TrainConfig(**given)
     options = RunOptions(out=args.out, resume=args.resume, num_workers=args.num_workers,
-                         device=args.device, progress=not args.no_progress)
+                         device=args.device, progress=not args.no_progress, overwrite=args.overwrite)
     try:
+        config = TrainConfig(**given)
+        validate(config, options)  # resumed runs are checked against their checkpoint's config later
+        from .train import train
+
         train(config, options, given)
+    except (ConfigError, DatasetError) as e:
+        return _usage_error("train", e)
     except (FxPruneError, ValueError) as e:
         print(f"fxprune train: error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _usage_error(command: str, e: Exception) -> int:
+    print(f"fxprune {command}: error: {e}", file=sys.stderr)
+    return USAGE_ERROR
 
 
 if __name__ == "__main__":

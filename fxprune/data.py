@@ -9,7 +9,9 @@ stratified 80/20 split drawn with ``split_seed``, independent of the training se
 
 Any other value is the path of an image folder (``torchvision.datasets.ImageFolder`` layout:
 one sub-folder per class). If it has ``train/`` and ``val/`` (or ``test/``) sub-folders those
-are the splits; otherwise the same stratified 80/20 split is drawn.
+are the splits; otherwise the same stratified 80/20 split is drawn. Every image is decoded once
+when the folder is loaded, before training, so a damaged file is named then
+(:class:`fxprune.errors.DatasetError`), not in the middle of an epoch.
 
 Training order is a pure function of ``(seed, epoch)`` (:func:`epoch_order`), so a run resumed
 from a checkpoint sees exactly the batches an uninterrupted run sees.
@@ -23,6 +25,8 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
+
+from .errors import DatasetError
 
 DIGITS = "digits"
 SPLIT_SEED = 0
@@ -67,8 +71,12 @@ def digits(image_size: int = 32) -> Splits:
 
 
 def image_folder(path: str, image_size: int) -> Splits:
-    """An ImageFolder tree, resized to ``image_size`` squares, as tensors in [0, 1]."""
-    from torchvision import datasets, transforms
+    """An ImageFolder tree, resized to ``image_size`` squares, as tensors in [0, 1].
+
+    Checked before any training: every split has at least two classes with images, and every
+    image decodes (JPEGs at reduced resolution, which is enough to find a truncated or corrupt
+    file); otherwise DatasetError names the folder or the file."""
+    from torchvision import transforms
 
     # ImageFolder's default loader already converts every image to RGB.
     tf = transforms.Compose([transforms.Resize((image_size, image_size)), transforms.ToTensor()])
@@ -76,16 +84,49 @@ def image_folder(path: str, image_size: int) -> Splits:
                      if os.path.isdir(os.path.join(path, d))), None)
     train_dir = os.path.join(path, "train")
     if test_dir is not None and os.path.isdir(train_dir):
-        train = datasets.ImageFolder(train_dir, transform=tf)
-        test = datasets.ImageFolder(test_dir, transform=tf)
+        train = _folder(train_dir, tf, image_size)
+        test = _folder(test_dir, tf, image_size)
         if test.classes != train.classes:
-            raise ValueError(f"{test_dir} has classes {test.classes}, "
-                             f"{train_dir} has {train.classes}")
+            raise DatasetError(f"--dataset {path}: {test_dir} has classes {test.classes}, "
+                               f"{train_dir} has {train.classes}")
         return Splits(train, test, num_classes=len(train.classes), in_channels=3)
-    full = datasets.ImageFolder(path, transform=tf)
-    tr, te = stratified_split(full.targets)
+    full = _folder(path, tf, image_size)
+    try:
+        tr, te = stratified_split(full.targets)
+    except ValueError as e:  # a class with a single image cannot be split
+        raise DatasetError(f"--dataset {path}: cannot split it into train and test sets ({e}); give "
+                           f"each class at least two images, or train/ and val/ sub-folders") from None
     return Splits(Subset(full, tr), Subset(full, te), num_classes=len(full.classes),
                   in_channels=3)
+
+
+def _folder(path: str, transform, image_size: int):
+    from torchvision import datasets
+
+    try:
+        ds = datasets.ImageFolder(path, transform=transform)
+    except FileNotFoundError as e:  # no class folder, or class folders without images
+        raise DatasetError(f"--dataset {path} holds no images in class folders (an ImageFolder has one "
+                           f"sub-folder of images per class): {e}") from None
+    if len(ds.classes) < 2:
+        raise DatasetError(f"--dataset {path} has one class ({ds.classes[0]!r}); a classifier needs at "
+                           f"least two class folders")
+    check_images([p for p, _ in ds.samples], image_size)
+    return ds
+
+
+def check_images(paths: Sequence[str], image_size: int) -> None:
+    """Decode every image once (JPEGs in draft mode, at about ``image_size``); DatasetError
+    names the first file that cannot be read."""
+    from PIL import Image
+
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                im.draft("RGB", (image_size, image_size))
+                im.load()
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for a damaged file
+            raise DatasetError(f"--dataset: image {p} cannot be read ({type(e).__name__}: {e})") from None
 
 
 def load(name: str, image_size: int = 32, train_subset: Optional[int] = None,
@@ -97,7 +138,7 @@ def load(name: str, image_size: int = 32, train_subset: Optional[int] = None,
     elif os.path.isdir(name):
         splits = image_folder(name, image_size)
     else:
-        raise ValueError(f"unknown dataset {name!r}: use 'digits' or an ImageFolder directory")
+        raise DatasetError(f"--dataset must be 'digits' or an ImageFolder directory, not {name!r}")
     if train_subset is not None:
         splits.train = _first(splits.train, train_subset)
     if test_subset is not None:

@@ -44,13 +44,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .config import PRECISIONS
 from .errors import UnsupportedInputError
 
 __all__ = ["Context", "init", "shutdown", "wrap", "sync_batchnorm_view", "sync_buffers", "per_rank_batch",
            "epoch_loader", "eval_shard", "GradientStep", "PRECISIONS", "program_template",
            "full_state_dict", "construct_subnet"]
-
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def _dist():
@@ -464,9 +463,11 @@ def program_template(prog: Any) -> Any:
     """A copy of ``prog`` (an ``fxprune.Program``) whose module holds no data: parameters and
     buffers on the meta device, graph and analyses copied. Make it before
     ``fully_shard(prog.module)`` (which replaces the module's parameters by ``DTensor``
-    shards); :func:`construct_subnet` fills it with the gathered full state."""
+    shards); :func:`construct_subnet` fills it with the gathered full state. It first runs
+    ``prog.check_construction()``, which cannot run on sharded parameters."""
     from .program import Program
 
+    prog.check_construction()  # needs the full parameters: frozen groups are then frozen in the copy too
     module = prog.module
     memo = {}
     for t in list(module.parameters()) + list(module.buffers()):

@@ -6,9 +6,10 @@ input never ends in a bare torch.fx traceback or, worse, a silently wrong model.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch.fx
+if TYPE_CHECKING:  # this module is imported by the command line before torch is
+    import torch.fx
 
 
 class FxPruneError(Exception):
@@ -68,6 +69,20 @@ class VerificationError(FxPruneError):
 
 class CheckpointError(FxPruneError):
     """A checkpoint or saved model is missing, truncated or corrupt."""
+
+
+class ConfigError(FxPruneError, ValueError):
+    """A setting of ``fxprune train`` (a command-line flag, a ``TrainConfig`` field) is out of
+    range or conflicts with another; the message names the flag, ``flag`` holds it."""
+
+    def __init__(self, message: str, flag: Optional[str] = None):
+        super().__init__(message)
+        self.flag = flag
+
+
+class DatasetError(FxPruneError):
+    """The training data cannot be used: a folder without images, a single class, an image that
+    cannot be decoded (the message names the folder or file)."""
 
 
 class ExportError(FxPruneError):

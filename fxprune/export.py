@@ -25,12 +25,10 @@ import torch.fx
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from .config import EXPORT_ATOL as ATOL, EXPORT_FORMATS as FORMATS, EXPORT_RTOL as RTOL
 from .errors import ExportError, UnsupportedInputError, VerificationError, describe_node
 from .program import _normalize_inputs, max_output_difference
 
-FORMATS = ("onnx", "pt2")
-RTOL = 1e-4
-ATOL = 1e-5
 _ONE_FILE_LIMIT = 2 ** 31 - 2 ** 26  # bytes of weights an ONNX protobuf file holds (2 GiB), with headroom
 
 

@@ -15,28 +15,58 @@
     Every parameter and buffer (a tensor shared by several modules is stored once).
 
 ``load(directory)`` rebuilds the module tree and the ``torch.fx.Graph`` from ``graph.json`` and
-returns a ``torch.fx.GraphModule`` with the same outputs. Nothing in the files can make it run
-code of the file's choosing: a submodule class must live in ``torch.nn`` or ``torchvision.ops``
-(or be allowed explicitly with ``allow=``), and it is created without calling its ``__init__``;
-a ``call_function`` target must be a public function of torch's operator namespaces,
-``torchvision.ops``, ``operator``, ``math`` or a short list of builtins (nothing that reads or
-writes files or global state); method names and ``getattr`` names starting with ``_`` and
-dunder member names are refused. Anything else raises :class:`fxprune.errors.CheckpointError`.
+returns a ``torch.fx.GraphModule`` with the same outputs.
+
+Safety: every file is treated as hostile, and loading runs nothing the files choose.
+
+* Names are never imported or looked up freely. Every function, method, ``getattr`` name and
+  module class in ``graph.json`` must be on the allow-list of :mod:`fxprune.allowlist`
+  (matched with ``re.fullmatch``): pure tensor functions (what
+  ``torch.overrides.get_overridable_functions()`` lists, ATen and torchvision overloads that
+  write only to their own tensor arguments, ``operator`` arithmetic and ``getitem``, ``math``),
+  the public methods of ``torch.Tensor`` less those with outside effects, the module classes of
+  ``torch.nn`` and ``torchvision.ops``, and every ``torch.nn.Module`` subclass and function
+  that :mod:`fxprune.modules` lists in its ``__all__``. No class constructor is callable. Other
+  module classes and custom ``torch.autograd.Function`` subclasses load only when the caller
+  names them (``allow=``).
+* A submodule is rebuilt by its class's constructor, run on the meta device (so a hostile size
+  allocates nothing) with the saved attributes of the same names as the constructor's
+  parameters. Only attributes the class declares are restored: the instance attributes its
+  constructor sets, its ``__constants__`` and annotations; never a name starting with ``_``
+  (``_compiled_call_impl``) or one the class defines (``forward``). Every stored parameter and
+  buffer must have the shape the constructed module gives it (a conv weight ``(out, in /
+  groups, *kernel_size)``, a BatchNorm's ``(num_features,)``, a Linear ``(out_features,
+  in_features)``) and the same kind of dtype (floating point or not); a class whose
+  constructor needs an argument the file does not hold (allowed by the caller) is created
+  without its ``__init__`` and its tensors are not checked against it.
+* Graph node names, keyword-argument names and placeholder names must be identifiers (they
+  become the generated code's variable names); ``get_attr`` must name a saved tensor and
+  ``call_module`` a saved submodule; a tensor key must be a dotted name that the module tree
+  uses, and every tensor in ``model.safetensors`` must be used.
+
+Anything else raises :class:`fxprune.errors.CheckpointError` naming the node, module,
+attribute or tensor.
 """
 from __future__ import annotations
 
+import ast
 import builtins
+import functools
 import importlib
+import inspect
 import json
+import keyword
 import math
 import os
 import re
-from typing import Any, Dict, Iterable, Optional, Union
+import textwrap
+from typing import Any, Dict, Iterable, Optional, Set, Union
 
 import torch
 import torch.fx
 from torch import nn
 
+from . import allowlist
 from .errors import CheckpointError, UnsupportedInputError
 
 FORMAT = "fxprune-graph"
@@ -45,20 +75,15 @@ MODULE_FILE = "module.py"
 GRAPH_FILE = "graph.json"
 TENSOR_FILE = "model.safetensors"
 
-_MODULE_ROOTS = ("torch.nn", "torchvision.ops")
-_FUNCTION_ROOTS = ("torch", "torch.nn.functional", "torch.functional", "torch.special",
-                   "torch.fft", "torch.linalg", "torch._C._nn", "torch._C._VariableFunctions",
-                   "torchvision.ops", "operator", "math")
-_OP_NAMESPACES = ("aten", "prims", "torchvision")
-_SAFE_BUILTINS = {"getattr", "len", "int", "float", "bool", "abs", "min", "max", "sum",
-                  "round", "pow", "divmod", "range", "slice", "tuple", "list"}
-# Public names of the allowed namespaces that touch files, global state or the interpreter.
-_DENIED = re.compile(r"^(load|save|from_file|compile|export|jit|hub|manual_seed|seed|"
-                     r"initial_seed|set_.*|use_deterministic_algorithms|call|attrgetter|"
-                     r"methodcaller|import_module)$")
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_ATTR_PART = re.compile(r"^(?!__)[A-Za-z0-9_]+$")  # a member name, never a dunder
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ATTRIBUTE = re.compile(r"[A-Za-z][A-Za-z0-9_]*")  # a module attribute: never "_..."
+# a parameter, buffer or child: "0" in a Sequential, "block1-0" in RegNet, "_tensor_constant0"
+# of torch.fx; never a dunder (torch.fx writes such names into generated code)
+_MEMBER = re.compile(r"_?[A-Za-z0-9][A-Za-z0-9_-]*")
+_TENSOR_KEY = re.compile(r"{0}(\.{0})*".format(_MEMBER.pattern))
+_MODULE_NAME = re.compile(r"(?!__)[A-Za-z_][A-Za-z0-9_]*(\.(?!__)[A-Za-z_][A-Za-z0-9_]*)*")  # no dunder part
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,7 +128,7 @@ def save(gm: torch.fx.GraphModule, directory: Union[str, os.PathLike]) -> str:
 
 def _class_name(gm: torch.fx.GraphModule) -> str:
     name = type(gm).__name__  # GraphModule(..., class_name=) names the class
-    return name if _IDENT.match(name) and name != "GraphModule" else "SlimModel"
+    return name if _IDENT.fullmatch(name) and name != "GraphModule" else "SlimModel"
 
 
 def _describe_module(mod: nn.Module, path: str, tensor_key, root: bool = False) -> dict:
@@ -145,8 +170,13 @@ def _describe_module(mod: nn.Module, path: str, tensor_key, root: bool = False) 
 def _describe_node(node: torch.fx.Node) -> dict:
     target = node.target
     if node.op == "call_function":
-        target = _qualified_name(target)
-        if _resolve_or_none(target) is not node.target:
+        target = allowlist.qualified_name(target)
+        cls = allowlist.autograd_function_of(node.target)
+        if cls is not None:  # a custom autograd Function: its class must be importable
+            if _resolve_or_none(target.rpartition(".")[0]) is not cls:
+                raise UnsupportedInputError(f"node {node.name!r}: autograd Function {target} is not "
+                                            f"importable by its name")
+        elif _resolve_or_none(target) != node.target:
             raise UnsupportedInputError(f"node {node.name!r}: function {target} is not "
                                         f"importable by its name")
     try:
@@ -183,15 +213,10 @@ def _encode(v: Any) -> Any:
     if isinstance(v, torch.layout):
         return {"layout": str(v).removeprefix("torch.")}
     if callable(v) and not isinstance(v, (nn.Module, type)):
-        name = _qualified_name(v)
-        if _resolve_or_none(name) is v:
+        name = allowlist.qualified_name(v)
+        if _resolve_or_none(name) == v:
             return {"function": name}
     raise TypeError(f"no JSON form for {type(v).__name__} {v!r}")
-
-
-def _qualified_name(fn) -> str:
-    name = torch.fx.node._get_qualified_name(fn)
-    return "operator." + name[len("_operator."):] if name.startswith("_operator.") else name
 
 
 def _module_source(gm: torch.fx.GraphModule, class_name: str) -> str:
@@ -230,6 +255,10 @@ def _module_source(gm: torch.fx.GraphModule, class_name: str) -> str:
 def _import_line(name: str, obj: Any) -> str:
     if name == "torch" or getattr(builtins, name, None) is obj:
         return ""
+    cls = allowlist.autograd_function_of(obj)
+    if cls is not None:
+        return (f"import {cls.__module__}\nimport fxprune.passes.autograd_functions\n{name} = "
+                f"fxprune.passes.autograd_functions.function_apply({cls.__module__}.{cls.__qualname__})")
     if name in ("inf", "nan"):
         return f"{name} = float({name!r})"
     if obj is type(None):
@@ -273,13 +302,19 @@ def load(directory: Union[str, os.PathLike], allow: Iterable[Union[type, str]] =
          device: Union[str, torch.device] = "cpu") -> torch.fx.GraphModule:
     """Rebuild the GraphModule that :func:`save` wrote to ``directory``.
 
-    ``allow``: submodule classes beyond ``torch.nn`` and ``torchvision.ops`` that the caller
-    trusts, as classes or as module-name prefixes (``"mypkg.layers"``). Raises
-    CheckpointError when a file is missing or corrupt or names something not allowed."""
+    ``allow``: module classes and custom ``torch.autograd.Function`` classes beyond the
+    allow-list (see the module docstring) that the caller trusts, as classes or as module-name
+    prefixes (``"mypkg.layers"``). ``device``: where the tensors are placed.
+
+    Raises CheckpointError when a file is missing, truncated or corrupt, names anything not
+    allowed, or holds a tensor whose shape does not fit its module."""
     spec, tensors = _read(directory, device)
+    policy = _Policy(allow)
     root = nn.Module()
-    _populate(root, spec["root"], tensors, _Allow(allow))
-    graph = _build_graph(spec["nodes"])
+    loaded = _Loaded()
+    _populate(root, _section(spec, "root", dict, "<file>"), tensors, policy, loaded)
+    loaded.check_all_used(tensors)
+    graph = _build_graph(_section(spec, "nodes", list, "<file>"), policy, loaded)
     try:
         return torch.fx.GraphModule(root, graph, class_name=spec["class_name"])
     except Exception as e:  # noqa: BLE001 - any failure here means the files disagree
@@ -289,9 +324,11 @@ def load(directory: Union[str, os.PathLike], allow: Iterable[Union[type, str]] =
 def load_submodules(module: nn.Module, directory: Union[str, os.PathLike],
                     allow: Iterable[Union[type, str]] = ()) -> nn.Module:
     """Attach the submodules, parameters and buffers saved in ``directory`` to ``module``
-    (what the ``__init__`` of a saved module.py calls)."""
+    (what the ``__init__`` of a saved module.py calls); checked as :func:`load` checks them."""
     spec, tensors = _read(directory, "cpu")
-    _populate(module, spec["root"], tensors, _Allow(allow))
+    loaded = _Loaded()
+    _populate(module, _section(spec, "root", dict, "<file>"), tensors, _Policy(allow), loaded)
+    loaded.check_all_used(tensors)
     return module
 
 
@@ -309,15 +346,16 @@ def _read(directory, device):
     try:
         with open(graph_path, encoding="utf-8") as f:
             spec = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{graph_path} is not valid JSON (truncated or corrupt): {e}") from e
     if not isinstance(spec, dict) or spec.get("format") != FORMAT:
         raise CheckpointError(f"{graph_path} is not an fxprune graph file")
     if spec.get("version") != VERSION:
         raise CheckpointError(f"{graph_path} has format version {spec.get('version')}; "
                               f"this fxprune reads version {VERSION}")
-    if not _IDENT.match(str(spec.get("class_name"))):
-        raise CheckpointError(f"{graph_path}: bad class name {spec.get('class_name')!r}")
+    name = spec.get("class_name")
+    if not (isinstance(name, str) and _IDENT.fullmatch(name) and not keyword.iskeyword(name)):
+        raise CheckpointError(f"{graph_path}: bad class name {name!r}")
     try:
         tensors = load_file(tensor_path, device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -327,178 +365,404 @@ def _read(directory, device):
     return spec, {name: t.clone() for name, t in tensors.items()}
 
 
-class _Allow:
-    """Which submodule classes :func:`load` may rebuild; decides on names before importing."""
+def _section(spec: Any, key: str, kind: type, where: str) -> Any:
+    value = spec.get(key) if isinstance(spec, dict) else None
+    if not isinstance(value, kind):
+        raise CheckpointError(f"module {where}: malformed description ({key!r} is "
+                              f"{type(value).__name__}, not {kind.__name__})")
+    return value
 
-    def __init__(self, allow):
+
+class _Policy:
+    """What the caller allows beyond :mod:`fxprune.allowlist`; decides on names before
+    importing anything, and imports only inside the allowed module prefixes."""
+
+    def __init__(self, allow: Iterable[Union[type, str]]):
         allow = list(allow)
-        self.names = {f"{a.__module__}.{a.__qualname__}" for a in allow if isinstance(a, type)}
-        self.prefixes = _MODULE_ROOTS + tuple(a for a in allow if isinstance(a, str))
+        self.classes = {f"{a.__module__}.{a.__qualname__}": a for a in allow if isinstance(a, type)}
+        self.prefixes = tuple(a for a in allow if isinstance(a, str))
+        for p in self.prefixes:
+            if not _MODULE_NAME.fullmatch(p):
+                raise UnsupportedInputError(f"allow= takes classes or module names, not {p!r}")
 
-    def __call__(self, name: str, where: str) -> type:
-        if not isinstance(name, str) or not (
-                name in self.names
-                or any(name.startswith(p + ".") for p in self.prefixes)):
+    def user_class(self, name: str) -> Optional[type]:
+        """The class ``name`` if the caller allowed it (by class or module prefix), else None."""
+        if not isinstance(name, str) or not _MODULE_NAME.fullmatch(name):
+            return None
+        if name in self.classes:
+            return self.classes[name]
+        if any(name.startswith(p + ".") for p in self.prefixes):
+            obj = _resolve_or_none(name)
+            return obj if isinstance(obj, type) else None
+        return None
+
+    def module_class(self, name: Any, where: str) -> type:
+        cls = allowlist.module_classes().get(name) if isinstance(name, str) else None
+        if cls is None:
+            cls = self.user_class(name)
+        if cls is None:
             raise CheckpointError(
-                f"refusing to rebuild module {where} of class {name}: only classes from "
-                f"{', '.join(_MODULE_ROOTS)} are rebuilt unless load(..., allow=[...]) "
-                f"names the class or its module")
-        cls = _resolve_or_none(name)
+                f"refusing to rebuild module {where} of class {name}: only the module classes "
+                f"of torch.nn, torchvision.ops and fxprune.modules are rebuilt unless "
+                f"load(..., allow=[...]) names the class or its module")
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
             raise CheckpointError(f"module {where}: {name} is not a torch.nn.Module class")
         if issubclass(cls, torch.fx.GraphModule):
             raise CheckpointError(f"module {where}: nested GraphModules are not rebuilt")
         return cls
 
+    def function(self, name: Any, where: str):
+        fn = allowlist.function(name, self.user_class)
+        if fn is None:
+            raise CheckpointError(f"{where}: refusing to call {name!r}: not on fxprune's list of "
+                                  f"functions a saved graph may use (fxprune.allowlist)")
+        return fn
 
-def _populate(mod: nn.Module, spec: dict, tensors: Dict[str, torch.Tensor], allow: _Allow,
-              path: str = "", params: Optional[Dict[str, nn.Parameter]] = None) -> None:
-    """Fill ``mod`` from its description; ``params`` maps each stored tensor to the one
-    Parameter made from it, so that weights shared when saved stay shared."""
-    params = {} if params is None else params
+
+class _Loaded:
+    """What the module tree of a file holds: tensor keys used, tensor and module paths."""
+
+    def __init__(self):
+        self.keys: Set[str] = set()
+        self.tensors: Set[str] = set()
+        self.modules: Set[str] = set()
+        self.params: Dict[str, nn.Parameter] = {}  # stored tensor -> the Parameter made of it
+
+    def check_all_used(self, tensors: Dict[str, torch.Tensor]) -> None:
+        extra = sorted(set(tensors) - self.keys)
+        if extra:
+            raise CheckpointError(f"{TENSOR_FILE} holds tensors no module uses: "
+                                  f"{', '.join(map(repr, extra[:5]))}")
+
+
+def _populate(mod: nn.Module, spec: dict, tensors: Dict[str, torch.Tensor], policy: _Policy,
+              loaded: _Loaded, path: str = "", ref: Optional["_Reference"] = None) -> None:
+    """Fill ``mod`` from its description: the root, or a module built by :func:`_build_module`
+    whose constructed tensors and children (``ref``) the file's must match. A stored tensor used
+    by several modules becomes one Parameter, so tied weights stay tied."""
     where = path or "<root>"
-    try:
-        for k, v in spec.get("attributes", {}).items():
-            if k in _MODULE_INTERNALS or not (_IDENT.match(k) and _ATTR_PART.match(k)):
-                raise CheckpointError(f"module {where}: bad attribute name {k!r}")
-            mod.__dict__[k] = _decode(v, None)
-        mod.training = bool(spec["training"])
-        for k, p in spec["parameters"].items():
-            _check_attr(k, where)
-            if p is not None and p["tensor"] not in params:
-                params[p["tensor"]] = nn.Parameter(_tensor(tensors, p["tensor"], where),
-                                                   requires_grad=bool(p["requires_grad"]))
-            mod._parameters[k] = None if p is None else params[p["tensor"]]
-        for k, b in spec["buffers"].items():
-            _check_attr(k, where)
-            mod._buffers[k] = None if b is None else _tensor(tensors, b, where)
-        mod._non_persistent_buffers_set.update(spec["non_persistent"])
-        for k, child in spec["children"].items():
-            _check_attr(k, where)
-            if child is None:
-                mod._modules[k] = None
+    prefix = path + "." if path else ""
+    ref = ref or _Reference(None)
+    training = spec.get("training")
+    if not isinstance(training, bool):
+        raise CheckpointError(f"module {where}: malformed description ('training' is {training!r})")
+    mod.training = training
+    for kind, table in (("parameter", mod._parameters), ("buffer", mod._buffers)):
+        for k, entry in _section(spec, kind + "s", dict, where).items():
+            _check_member(mod, k, where)
+            if entry is None:
+                ref.check_none(k, kind, where)
+                table[k] = None
                 continue
-            cpath = f"{path}.{k}" if path else k
-            cls = allow(child["class"], cpath)
-            sub = cls.__new__(cls)  # no __init__: the saved attributes are its whole state
-            nn.Module.__init__(sub)
-            _populate(sub, child, tensors, allow, cpath, params)
-            mod._modules[k] = sub
-    except (KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"module {where}: malformed description ({e!r})") from e
+            if kind == "parameter":
+                if not (isinstance(entry, dict) and isinstance(entry.get("requires_grad"), bool)):
+                    raise CheckpointError(f"module {where}: malformed parameter {k!r}")
+                key = entry.get("tensor")
+            else:
+                key = entry
+            t = _tensor(tensors, key, where, loaded)
+            ref.check(k, t, kind, where)
+            if kind == "parameter":
+                if key not in loaded.params:
+                    loaded.params[key] = nn.Parameter(t, requires_grad=entry["requires_grad"])
+                t = loaded.params[key]
+            table[k] = t
+            loaded.tensors.add(prefix + k)
+    non_persistent = _section(spec, "non_persistent", list, where)
+    if not all(isinstance(k, str) and k in mod._buffers for k in non_persistent):
+        raise CheckpointError(f"module {where}: non-persistent names {non_persistent!r} are not "
+                              f"all buffers")
+    mod._non_persistent_buffers_set = set(non_persistent)
+    for k, child in _section(spec, "children", dict, where).items():
+        _check_member(mod, k, where)
+        if child is None:
+            mod._modules[k] = None
+            continue
+        if not isinstance(child, dict):
+            raise CheckpointError(f"module {where}: malformed child {k!r}")
+        ref.check_child(k, where)
+        mod._modules[k] = _build_module(child, tensors, policy, loaded, prefix + k)
+        loaded.modules.add(prefix + k)
+    ref.check_complete(mod, where)
 
 
-def _tensor(tensors, key, where) -> torch.Tensor:
-    if not isinstance(key, str) or key not in tensors:
+def _build_module(spec: dict, tensors, policy: _Policy, loaded: _Loaded, path: str) -> nn.Module:
+    """A submodule of the class the file names, built by that class's constructor on the meta
+    device when the saved attributes give its arguments (else without ``__init__``), with only
+    the attributes the class declares restored, then filled by :func:`_populate`."""
+    cls = policy.module_class(spec.get("class"), path)
+    attrs = {}
+    for k, v in _section(spec, "attributes", dict, path).items():
+        if not (isinstance(k, str) and _IDENT.fullmatch(k)) or k in _MODULE_INTERNALS:
+            raise CheckpointError(f"module {path}: refusing attribute {k!r}")
+        attrs[k] = _decode(v, None, policy, f"module {path} attribute {k!r}")
+    presence = {k: v is not None for part in ("parameters", "buffers")
+                for k, v in _section(spec, part, dict, path).items()}
+    mod, constructed = _construct(cls, attrs, presence, path)
+    declared = _declared_attributes(cls, mod)
+    cname = f"{cls.__module__}.{cls.__qualname__}"
+    for k, v in attrs.items():
+        if k.startswith("_"):
+            # derived state (a conv's _reversed_padding_repeated_twice) is never restored: it
+            # must be what the constructor made from the saved arguments
+            if not (constructed and k in vars(mod) and _same(vars(mod)[k], v)):
+                raise CheckpointError(f"module {path}: refusing attribute {k!r}: a name starting "
+                                      f"with '_' is never restored")
+            continue
+        if k not in declared or k in mod._parameters or k in mod._buffers or k in mod._modules:
+            raise CheckpointError(f"module {path}: refusing attribute {k!r}: class {cname} "
+                                  f"does not declare it")
+        mod.__dict__[k] = v
+    checked = constructed and type(mod) not in (nn.Module,) + _CONTAINERS
+    _populate(mod, spec, tensors, policy, loaded, path, _Reference(mod if checked else None))
+    return mod
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def _construct(cls: type, attrs: Dict[str, Any], presence: Dict[str, bool], path: str):
+    """``(module, True)``: ``cls(**arguments)`` on the meta device, its arguments taken from the
+    saved attributes of the same names (a tensor's presence for a flag named like it, e.g.
+    ``bias``); ``(bare instance, False)`` when an argument without default is not in the file."""
+    kwargs: Dict[str, Any] = {}
+    try:
+        params = list(inspect.signature(cls).parameters.values())
+    except (TypeError, ValueError):
+        params = None
+    for p in params or ():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in ("device", "dtype"):
+            continue
+        if p.kind is not p.POSITIONAL_ONLY and not p.name.startswith("_") and p.name in attrs:
+            kwargs[p.name] = attrs[p.name]
+        elif p.kind is not p.POSITIONAL_ONLY and not p.name.startswith("_") and p.name in presence:
+            kwargs[p.name] = presence[p.name]
+        elif p.default is p.empty:
+            params = None
+            break
+    if params is None:
+        mod = cls.__new__(cls)
+        nn.Module.__init__(mod)
+        return mod, False
+    try:
+        with torch.device("meta"):
+            return cls(**kwargs), True
+    except Exception as e:  # noqa: BLE001 - the class refuses the saved values
+        raise CheckpointError(f"module {path}: {cls.__module__}.{cls.__qualname__} cannot be built "
+                              f"from the saved attributes ({type(e).__name__}: {e})") from e
+
+
+def _declared_attributes(cls: type, mod: nn.Module) -> Set[str]:
+    """Public names the class declares: instance attributes its constructor set (this instance
+    or, read from the source, ``self.<name> = ...`` in the ``__init__`` of the class and its
+    bases), ``__constants__``, annotations and constructor parameters; never one the class
+    defines as a method or property (``forward``)."""
+    names = set(vars(mod)) | _class_declarations(cls)
+    return {n for n in names if isinstance(n, str) and _ATTRIBUTE.fullmatch(n)
+            and n not in _MODULE_INTERNALS and not _class_defines(cls, n)}
+
+
+@functools.lru_cache(maxsize=None)
+def _class_declarations(cls: type) -> frozenset:
+    names: Set[str] = set()
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            break
+        names.update(getattr(klass, "__constants__", ()))
+        names.update(vars(klass).get("__annotations__", {}))
+        init = vars(klass).get("__init__")
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(init))) if init else None
+        except (OSError, TypeError, SyntaxError):
+            tree = None
+        for node in ast.walk(tree) if tree is not None else ():
+            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) \
+                    and isinstance(node.value, ast.Name) and node.value.id == "self":
+                names.add(node.attr)
+    try:
+        names.update(inspect.signature(cls).parameters)
+    except (TypeError, ValueError):
+        pass
+    return frozenset(names)
+
+
+def _class_defines(cls: type, name: str) -> bool:
+    """``cls`` (or a base) defines ``name`` as behaviour: a function, method or descriptor."""
+    try:
+        obj = inspect.getattr_static(cls, name)
+    except AttributeError:
+        return False
+    return callable(obj) or hasattr(obj, "__get__")
+
+
+class _Reference:
+    """The tensors and children of a module as its constructor built them (``mod`` None: none
+    to check, as for the root, containers and classes built without ``__init__``)."""
+
+    def __init__(self, mod: Optional[nn.Module]):
+        self.mod = mod
+        if mod is not None:
+            self.name = f"{type(mod).__module__}.{type(mod).__qualname__}"
+            self.tensors = {"parameter": dict(mod._parameters), "buffer": dict(mod._buffers)}
+            self.children = set(mod._modules)
+
+    def check(self, k: str, t: torch.Tensor, kind: str, where: str) -> None:
+        if self.mod is None:
+            return
+        ref = self.tensors[kind].get(k)
+        if ref is None:
+            raise CheckpointError(f"module {where}: tensor {k!r} is not a {kind} that {self.name} "
+                                  f"has when built from the saved attributes")
+        if tuple(t.shape) != tuple(ref.shape):
+            raise CheckpointError(f"module {where}: tensor {kind} {k!r} has shape {tuple(t.shape)}, "
+                                  f"but {self.name} with the saved attributes needs {tuple(ref.shape)}")
+        kind_of = lambda x: (x.is_floating_point(), x.is_complex(),  # noqa: E731
+                             None if x.is_floating_point() or x.is_complex() else x.dtype)
+        if kind_of(t) != kind_of(ref):
+            raise CheckpointError(f"module {where}: tensor {kind} {k!r} has dtype {t.dtype}, but "
+                                  f"{self.name} keeps it as {ref.dtype}")
+
+    def check_none(self, k: str, kind: str, where: str) -> None:
+        if self.mod is not None and k not in self.tensors[kind]:
+            raise CheckpointError(f"module {where}: {k!r} is not a {kind} of {self.name}")
+
+    def check_child(self, k: str, where: str) -> None:
+        if self.mod is not None and k not in self.children:
+            raise CheckpointError(f"module {where}: submodule {k!r} is not one {self.name} has")
+
+    def check_complete(self, mod: nn.Module, where: str) -> None:
+        """Nothing the constructor made is left unfilled (still on the meta device)."""
+        if self.mod is None:
+            return
+        for kind, table in (("parameter", mod._parameters), ("buffer", mod._buffers)):
+            for k, t in table.items():
+                if t is not None and t.is_meta:
+                    raise CheckpointError(f"module {where}: {kind} {k!r} is missing from the file")
+        for k in self.children:
+            c = mod._modules.get(k)
+            if c is not None and any(t.is_meta for t in list(c.parameters()) + list(c.buffers())):
+                raise CheckpointError(f"module {where}: submodule {k!r} is missing from the file")
+
+
+def _tensor(tensors, key, where, loaded: _Loaded) -> torch.Tensor:
+    if not (isinstance(key, str) and _TENSOR_KEY.fullmatch(key)):
+        raise CheckpointError(f"module {where}: bad tensor key {key!r}")
+    if key not in tensors:
         raise CheckpointError(f"module {where}: tensor {key!r} is missing from {TENSOR_FILE}")
+    loaded.keys.add(key)
     return tensors[key]
 
 
-def _check_attr(name: str, where: str) -> None:
-    if not isinstance(name, str) or not _ATTR_PART.match(name):
-        raise CheckpointError(f"module {where}: bad member name {name!r}")
+def _check_member(mod: nn.Module, name: Any, where: str) -> None:
+    """A parameter, buffer or child name: a plain name that nothing of the class shadows."""
+    if not (isinstance(name, str) and _MEMBER.fullmatch(name)) or name in _MODULE_INTERNALS \
+            or _class_defines(type(mod), name):
+        raise CheckpointError(f"module {where}: refusing member name {name!r}")
 
 
-def _decode(v: Any, env: Optional[Dict[str, torch.fx.Node]]) -> Any:
+def _decode(v: Any, env: Optional[Dict[str, torch.fx.Node]], policy: _Policy, where: str) -> Any:
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
     if isinstance(v, list):
-        return [_decode(x, env) for x in v]
+        return [_decode(x, env, policy, where) for x in v]
     if not (isinstance(v, dict) and len(v) == 1):
-        raise CheckpointError(f"malformed value {v!r}")
+        raise CheckpointError(f"{where}: malformed value {v!r}")
     (kind, x), = v.items()
-    if kind == "tuple":
-        return tuple(_decode(y, env) for y in x)
-    if kind == "dict":
-        return {_decode(k, env): _decode(y, env) for k, y in x}
-    if kind == "float":
-        return float(x) if x in ("inf", "-inf", "nan") else _bad(v)
+    if kind == "tuple" and isinstance(x, list):
+        return tuple(_decode(y, env, policy, where) for y in x)
+    if kind == "dict" and isinstance(x, list) and all(isinstance(p, list) and len(p) == 2 for p in x):
+        return {_decode(k, env, policy, where): _decode(y, env, policy, where) for k, y in x}
+    if kind == "float" and x in ("inf", "-inf", "nan"):
+        return float(x)
     if kind == "node":
-        if env is None or x not in env:
-            raise CheckpointError(f"reference to unknown node {x!r}")
+        if env is None or not isinstance(x, str) or x not in env:
+            raise CheckpointError(f"{where}: reference to unknown node {x!r}")
         return env[x]
-    if kind == "slice":
-        return slice(*(_decode(y, env) for y in x))
-    if kind == "ellipsis":
+    if kind == "slice" and isinstance(x, list) and len(x) == 3:
+        return slice(*(_decode(y, env, policy, where) for y in x))
+    if kind == "ellipsis" and x is None:
         return Ellipsis
     if kind in ("dtype", "memory_format", "layout"):
-        obj = getattr(torch, x, None) if isinstance(x, str) and _IDENT.match(x) else None
         expected = {"dtype": torch.dtype, "memory_format": torch.memory_format,
                     "layout": torch.layout}[kind]
-        return obj if isinstance(obj, expected) else _bad(v)
-    if kind == "device":
+        obj = getattr(torch, x, None) if isinstance(x, str) and _ATTRIBUTE.fullmatch(x) else None
+        if isinstance(obj, expected):
+            return obj
+    if kind == "device" and isinstance(x, str) and re.fullmatch(r"[a-z_]+(:[0-9]+)?", x):
         try:
             return torch.device(x)
         except (TypeError, RuntimeError):
-            return _bad(v)
+            pass
     if kind == "function":
-        return _function(x)
-    return _bad(v)
+        return policy.function(x, where)
+    raise CheckpointError(f"{where}: malformed value {v!r}")
 
 
-def _bad(v):
-    raise CheckpointError(f"malformed value {v!r}")
-
-
-def _function(name: str):
-    """The function ``name`` if it is on the allow-list, else CheckpointError."""
-    if not isinstance(name, str):
-        _bad(name)
-    module, _, attr = name.rpartition(".")
-    if module == "builtins" or not module:
-        ok = attr in _SAFE_BUILTINS
-    elif module.startswith("torch.ops."):  # torch.ops.<namespace>.<op>[.<overload>]
-        parts = name.split(".")[2:]
-        ok = parts[0] in _OP_NAMESPACES and len(parts) in (2, 3) and not _DENIED.match(parts[1]) \
-            and all(_IDENT.match(p) and not p.startswith("_") for p in parts)
-    else:
-        ok = (module in _FUNCTION_ROOTS or module.startswith("torchvision.ops.")) and \
-            not attr.startswith("_") and not _DENIED.match(attr)
-        ok = ok or name == "torch._assert"
-    fn = _resolve_or_none(name) if ok else None
-    if fn is None or not callable(fn) or isinstance(fn, type(os)):
-        raise CheckpointError(f"refusing to call {name!r}: not on fxprune.io's list of "
-                              f"functions a saved graph may use")
-    return fn
-
-
-def _build_graph(nodes: list) -> torch.fx.Graph:
+def _build_graph(nodes: list, policy: _Policy, loaded: _Loaded) -> torch.fx.Graph:
     graph = torch.fx.Graph()
     env: Dict[str, torch.fx.Node] = {}
     for spec in nodes:
-        try:
-            name, op, target = spec["name"], spec["op"], spec["target"]
-            args, kwargs = _decode(spec["args"], env), _decode(spec["kwargs"], env)
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"malformed node {spec!r}: {e!r}") from e
-        if not isinstance(name, str) or not isinstance(args, tuple) or not isinstance(kwargs, dict):
+        if not isinstance(spec, dict):
             raise CheckpointError(f"malformed node {spec!r}")
-        if op == "call_function":
-            target = _function(target)
-            if target is getattr and not (len(args) == 2 and isinstance(args[1], str)
-                                          and not args[1].startswith("_")):
-                raise CheckpointError(f"node {name!r}: getattr of {args[1:]!r} is refused")
-        elif op == "call_method":
-            if not (isinstance(target, str) and _IDENT.match(target)
-                    and not target.startswith("_")):
-                raise CheckpointError(f"node {name!r}: method name {target!r} is refused")
-        elif op in ("call_module", "get_attr"):
-            if not (isinstance(target, str) and all(_ATTR_PART.match(p)
-                                                    for p in target.split("."))):
-                raise CheckpointError(f"node {name!r}: bad {op} target {target!r}")
-        elif op == "placeholder":
-            if not (isinstance(target, str) and _IDENT.match(target.lstrip("*"))):
-                raise CheckpointError(f"node {name!r}: bad placeholder {target!r}")
-        elif op == "output":
-            target = "output"
-        else:
-            raise CheckpointError(f"node {name!r}: unknown op {op!r}")
+        name, op, target = spec.get("name"), spec.get("op"), spec.get("target")
+        if not (isinstance(name, str) and name.isidentifier() and _IDENT.fullmatch(name)
+                and not keyword.iskeyword(name)) or name in env:
+            raise CheckpointError(f"refusing node name {name!r} (not an identifier, or repeated)")
+        where = f"node {name!r}"
+        args = _decode(spec.get("args"), env, policy, where)
+        kwargs = _decode(spec.get("kwargs"), env, policy, where)
+        if not isinstance(args, tuple) or not isinstance(kwargs, dict):
+            raise CheckpointError(f"{where}: malformed arguments")
+        if not all(isinstance(k, str) and _IDENT.fullmatch(k) and not keyword.iskeyword(k)
+                   for k in kwargs):
+            raise CheckpointError(f"{where}: refusing keyword names {list(kwargs)!r}")
+        target = _node_target(op, target, args, where, policy, loaded)
         env[name] = graph.create_node(op, target, args, kwargs, name=name)
+        if env[name].name != name:
+            raise CheckpointError(f"refusing node name {name!r} (it clashes with a name the "
+                                  f"generated code uses)")
     try:
         graph.lint()
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"the saved graph is not valid: {e}") from e
     return graph
+
+
+def _node_target(op: Any, target: Any, args: tuple, where: str, policy: _Policy, loaded: _Loaded):
+    """The checked target of one node (see the module docstring)."""
+    if op == "call_function":
+        fn = policy.function(target, where)
+        if fn is getattr and not (len(args) == 2 and isinstance(args[0], torch.fx.Node)
+                                  and args[1] in allowlist.tensor_attributes()):
+            raise CheckpointError(f"{where}: getattr of {args[1:]!r} is refused (only tensor "
+                                  f"attributes and torch.return_types fields are read)")
+        return fn
+    if op == "call_method":
+        if not (isinstance(target, str) and target in allowlist.methods()):
+            raise CheckpointError(f"{where}: method name {target!r} is refused (not a public "
+                                  f"torch.Tensor method on fxprune.allowlist)")
+        if not (args and isinstance(args[0], torch.fx.Node)):
+            raise CheckpointError(f"{where}: method {target!r} must be called on a graph value")
+        return target
+    if op == "get_attr":
+        if target not in loaded.tensors:
+            raise CheckpointError(f"{where}: get_attr {target!r} does not name a saved tensor")
+        return target
+    if op == "call_module":
+        if target not in loaded.modules:
+            raise CheckpointError(f"{where}: call_module {target!r} does not name a saved submodule")
+        return target
+    if op == "placeholder":
+        if not (isinstance(target, str) and _IDENT.fullmatch(target.removeprefix("**").removeprefix("*"))
+                and not keyword.iskeyword(target.lstrip("*"))):
+            raise CheckpointError(f"{where}: bad placeholder {target!r}")
+        return target
+    if op == "output":
+        return "output"
+    raise CheckpointError(f"{where}: unknown op {op!r}")
 
 
 def _resolve_or_none(name: str):
@@ -509,7 +773,9 @@ def _resolve_or_none(name: str):
 
 
 def _resolve(name: str):
-    """The object with qualified name ``name`` (``pkg.mod.Class.attr``)."""
+    """The object with qualified name ``name`` (``pkg.mod.Class.attr``); used by ``save`` to
+    check that a name leads back to its object, and by ``load`` only for names inside module
+    prefixes the caller allowed."""
     if name.startswith("torch.ops."):
         obj = torch.ops
         for part in name.split(".")[2:]:

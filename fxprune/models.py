@@ -21,6 +21,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .errors import ConfigError
+
 SMALL_IMAGE = 64
 
 
@@ -35,11 +37,9 @@ def build(name: str, num_classes: int, in_channels: int = 3, image_size: int = 3
         if not isinstance(model, nn.Module):
             raise TypeError(f"{name} returned {type(model).__name__}, not a torch.nn.Module")
         return model
+    check_name(name)
     import torchvision
 
-    if name not in torchvision.models.list_models(module=torchvision.models):
-        raise ValueError(f"unknown model {name!r}: give a torchvision classification model "
-                         f"name (e.g. resnet18) or module:factory")
     kwargs = {"weights": None, "num_classes": num_classes}
     if name in ("googlenet", "inception_v3"):
         kwargs["aux_logits"] = False  # one output, as every other classifier
@@ -53,8 +53,22 @@ def build(name: str, num_classes: int, in_channels: int = 3, image_size: int = 3
     if image_size <= SMALL_IMAGE and not transformer:
         adapt_to_small_images(model, in_channels)
     elif in_channels != 3:
-        raise ValueError(f"torchvision's {name} takes 3 input channels, not {in_channels}")
+        raise ConfigError(f"--model {name}: torchvision's {name} takes 3 input channels, not {in_channels}",
+                          "--model")
     return model
+
+
+def check_name(name: str) -> None:
+    """Raise ConfigError naming ``--model`` unless ``name`` is a torchvision classification
+    model or an importable, callable ``module:factory`` (nothing is built)."""
+    if ":" in name:
+        _import_factory(name)
+        return
+    import torchvision
+
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise ConfigError(f"--model must be a torchvision classification model name (e.g. resnet18) or "
+                          f"module:factory, not {name!r}", "--model")
 
 
 def adapt_to_small_images(model: nn.Module, in_channels: int = 3) -> nn.Module:
@@ -131,13 +145,13 @@ def _import_factory(spec: str) -> Callable[..., nn.Module]:
     try:
         obj = importlib.import_module(module_name)
     except ImportError as e:
-        raise ValueError(f"cannot import {module_name!r} for --model {spec}: {e}") from e
+        raise ConfigError(f"--model {spec}: cannot import {module_name!r}: {e}", "--model") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"{module_name} has no attribute {attr!r} (--model {spec})")
+            raise ConfigError(f"--model {spec}: {module_name} has no attribute {attr!r}", "--model")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ValueError(f"--model {spec} is not callable")
+        raise ConfigError(f"--model {spec} is not callable", "--model")
     return obj
 
 

@@ -1,5 +1,17 @@
-"""Modules that slim models are built from when a torch.nn module cannot express the
-pruned shape itself."""
+"""Modules and functions that slim models are built from when torch.nn cannot express the
+pruned model itself.
+
+Contract with :func:`fxprune.io.load` (see :mod:`fxprune.allowlist`): every public
+``torch.nn.Module`` subclass, function and ``torch.autograd.Function`` subclass defined here is
+listed in ``__all__`` (built at the end of this file) and so may appear in a saved slim model
+with no other edit. ``load`` rebuilds a module by calling its constructor on the meta device
+with the saved attributes of the same names as the constructor's parameters, restores only
+the attributes the class declares (set in ``__init__``, never a name starting with ``_``) and
+checks every stored parameter and buffer against the shape the constructor gave it. A module
+added here must therefore keep each constructor argument as an attribute of the same name
+(``self.num_heads = num_heads``) and derive its tensors' shapes from them; a function must be
+pure (tensors in, tensors out, no files, no global state).
+"""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -86,3 +98,9 @@ def _merge_masks(attn_mask, key_padding_mask, dtype, n, lq, ls) -> Optional[torc
                                                                                                         float("-inf"))
         mask = kpm if mask is None else mask + kpm
     return mask
+
+
+# Every public class and function defined in this file: what fxprune.io.load may rebuild or call.
+__all__ = sorted(name for name, obj in list(globals().items())
+                 if not name.startswith("_") and getattr(obj, "__module__", None) == __name__
+                 and (isinstance(obj, type) or callable(obj)))

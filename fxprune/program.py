@@ -5,6 +5,7 @@ import contextlib
 import gc
 import inspect
 import os
+import warnings
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -219,6 +220,8 @@ class Program:
         self.pipeline = pipeline
         self._model = model
         self._trace_options = trace_options or {}
+        self._construction_checked: Optional[Dict[int, str]] = None
+        self._meta_masks: Dict[int, np.ndarray] = {}  # zero_() on the meta device: what was asked
 
     # ------------------------------------------------------------------ groups
     @property
@@ -295,7 +298,10 @@ class Program:
     def zero_(self, masks: Optional[Mapping[int, Any]] = None, erasables: Iterable[int] = ()) -> None:
         """Zero chosen channels: ``masks[group_id]`` is a bool keep-mask of length ``size``
         (False = zero that channel in every producer slice of the group); and chosen erasable
-        operators: every parameter of ``erasables[i]`` and its ``slices``."""
+        operators: every parameter of ``erasables[i]`` and its ``slices``.
+
+        On the meta device, where tensors hold no values, the keep-masks are recorded instead
+        and :meth:`construct_subnet` removes the channels they drop."""
         for eid in erasables:
             e = self.erasables[eid]
             for p in e.params:
@@ -303,23 +309,38 @@ class Program:
             for s in e.slices:
                 t = self._tensor(s.param)
                 t.index_fill_(s.dim, s.index.to(t.device), 0)
-        for gid, keep in (masks or {}).items():
+        checked = self._check_masks(masks or {})
+        _zero_groups(self.module, self.groups, checked)
+        if self.on_meta:
+            for gid, keep in checked.items():
+                self._meta_masks[gid] = self._meta_masks.get(gid, np.ones(len(keep), bool)) & keep
+
+    def _check_masks(self, masks: Mapping[int, Any]) -> Dict[int, np.ndarray]:
+        out = {}
+        for gid, keep in masks.items():
             if not isinstance(gid, (int, np.integer)) or not 0 <= gid < len(self.groups):
                 raise UnsupportedInputError(f"no group {gid!r}: group ids run from 0 to {len(self.groups) - 1}")
             g = self.groups[gid]
-            keep = torch.as_tensor(np.asarray(keep, dtype=bool))
+            keep = np.asarray(keep.cpu() if isinstance(keep, torch.Tensor) else keep, dtype=bool)
             if keep.shape != (g.size,):
                 raise UnsupportedInputError(f"mask for group {gid} has shape {tuple(keep.shape)}, expected ({g.size},)")
-            for s in g.slices:
-                drop = s.index[~keep[s.channel]]
-                if len(drop):
-                    t = self._tensor(s.param)
-                    t.index_fill_(s.dim, drop.to(t.device), 0)
+            out[int(gid)] = keep
+        return out
+
+    @property
+    def on_meta(self) -> bool:
+        """Whether the program's tensors are on the meta device (shapes only, no values)."""
+        return any(t.is_meta for t in list(self.module.parameters()) + list(self.module.buffers()))
 
     @torch.no_grad()
     def zero_channels(self) -> Dict[int, np.ndarray]:
         """For each prunable group, a bool array: True where the channel is zero in every
         producer slice (these are the channels ``construct_subnet`` removes)."""
+        if self.on_meta:
+            raise UnsupportedInputError(
+                "the program's tensors are on the meta device and hold no values, so which channels are "
+                "zero cannot be read: pass construct_subnet(keep={group id: keep mask}) or call "
+                "prog.zero_(masks) first")
         out = {}
         for g in self.prunable_groups:
             nonzero = torch.zeros(g.size, dtype=torch.bool)
@@ -331,36 +352,142 @@ class Program:
             out[g.id] = ~nonzero.numpy()
         return out
 
-    def construct_subnet(self, verify: bool = True, rtol: float = 1e-4) -> torch.fx.GraphModule:
+    def construct_subnet(self, verify: bool = True, rtol: float = 1e-4,
+                         keep: Optional[Mapping[int, Any]] = None) -> torch.fx.GraphModule:
         """Build the slim model: every channel zero in all its group's producer slices is removed
         (mode ``"prune"``); every erasable operator whose parameters are all zero is deleted, its
         joins folded (mode ``"erase"``, see :func:`fxprune.passes.erase_rewrite.erase_rewrite`).
 
-        Returns a new ``torch.fx.GraphModule`` with regenerated code; the program and the
-        user's model are left untouched. With ``verify`` (default) the slim model's outputs
-        on the example inputs are compared with the full model's (eval mode) and a
-        :class:`fxprune.VerificationError` is raised if the max abs difference exceeds
-        ``rtol * max(1, max |full output|)``.
+        Args:
+            verify: compare the slim model's outputs on the example inputs with the full
+                model's (eval mode) and raise :class:`fxprune.VerificationError` if the max abs
+                difference exceeds ``rtol * max(1, max |full output|)``. On the meta device,
+                where tensors hold no values, only the output shapes are compared.
+            keep: ``{group id: bool keep-mask}`` to remove the channels it drops instead of the
+                channels that are zero (groups not given keep every channel). On the meta
+                device the default is what :meth:`zero_` was asked to zero.
+
+        Returns a new ``torch.fx.GraphModule`` with regenerated code, on the program's device;
+        the program and the user's model are left untouched. Each submodule of the slim model
+        is in the training mode (``.training``) of the user's module of the same name as it is
+        when this is called (``model.eval()`` then ``construct_subnet()`` gives a slim model in
+        eval mode), modules the user's model lacks following their parent.
+
+        Raises:
+            fxprune.UnsupportedInputError: on the meta device, erase mode, or no ``keep`` and
+                nothing recorded by :meth:`zero_`.
+            fxprune.RewriteError, fxprune.VerificationError: see :mod:`fxprune.passes.prune_rewrite`.
         """
         from fxprune.passes import prune_rewrite
 
-        keep = {}
-        if "prune" in self.modes:
+        meta = self.on_meta
+        if keep is not None:
+            keep = {gid: m for gid, m in self._check_masks(keep).items() if not m.all()}
+        elif "prune" in self.modes and meta:
+            if not self._meta_masks:
+                raise UnsupportedInputError(
+                    "the program's tensors are on the meta device and hold no values, so which channels "
+                    "are zero cannot be read: pass construct_subnet(keep={group id: keep mask}) or call "
+                    "prog.zero_(masks) first")
+            keep = {gid: m for gid, m in self._meta_masks.items() if not m.all()}
+        elif "prune" in self.modes:
             keep = {gid: ~zero for gid, zero in self.zero_channels().items() if zero.any()}
+        else:
+            keep = {}
+        frozen = [gid for gid in keep if not self.groups[gid].prunable]
+        if frozen:
+            raise UnsupportedInputError(f"groups {frozen} are frozen and cannot lose channels: "
+                                        f"{self.groups[frozen[0]].reason}")
         if "erase" in self.modes:
+            if meta:
+                raise UnsupportedInputError("erase mode reads which operators are zero, which tensors on "
+                                            "the meta device do not hold; build the slim model from real weights")
             from fxprune.passes.erase_rewrite import erase_rewrite
 
             slim = erase_rewrite(self.module, self._erase_set(), keep, self.example_inputs)
         else:
             slim = prune_rewrite(self.module, keep, self.example_inputs)
-        slim.train(self.module.training)
-        if verify:
+        copy_training_flags(slim, self._model if self._model is not None else self.module)
+        if verify and meta:
+            _check_output_shapes(self.module, slim, self.example_inputs)
+        elif verify:
             diff, scale = max_output_difference(self.module, slim, self.example_inputs)
             if diff > rtol * max(1.0, scale):
                 raise VerificationError(
                     f"the slim model's output differs from the full model's: max abs difference {diff:.3e} "
                     f"(max |output| {scale:.3e}, tolerance {rtol:g} relative)")
         return slim
+
+    def check_construction(self, rtol: float = 1e-4) -> Dict[int, str]:
+        """Find, before training, the groups whose removal cannot be built: a slim model is built
+        with one channel of every prunable exact group removed (the same channels zeroed in a copy
+        of the program) and compared with that copy; when it fails, halves of the groups are
+        tried in turn until the failing groups are found. Those are frozen
+        (``Group.prunable = False``) with the failure in ``Group.reason``, and a warning names
+        them. On the meta device only the rewrite and the output shapes are checked.
+
+        Runs once per program (the optimizers call it when created); returns ``{group id:
+        reason}`` of the groups it froze."""
+        if self._construction_checked is not None:
+            return dict(self._construction_checked)
+        if _sharded(self.module):
+            warnings.warn("fxprune: the program's parameters are sharded (FSDP2 DTensors), so no slim model can be "
+                          "built to check the groups; call prog.check_construction() before fully_shard "
+                          "(fxprune.distributed.program_template does)", stacklevel=2)
+            self._construction_checked = {}
+            return {}
+        gids = [g.id for g in self.groups if g.prunable and g.exact and g.size >= 2] \
+            if "prune" in self.modes else []
+        failing = self._failing(gids, rtol) if gids else {}
+        for gid, reason in failing.items():
+            g = self.groups[gid]
+            g.prunable = False
+            where = f" (its channels flow through {', '.join(map(repr, g.nodes[:4]))})" if g.nodes else ""
+            g.reason = f"a slim model without some of its channels cannot be built{where}: {reason}"
+        if failing:
+            warnings.warn(f"fxprune: {len(failing)} group(s) frozen before training, since removing their "
+                          f"channels fails: {sorted(failing)}; e.g. group {min(failing)}: "
+                          f"{failing[min(failing)]}", stacklevel=2)
+        self._construction_checked = failing
+        return dict(failing)
+
+    def _failing(self, gids: List[int], rtol: float) -> Dict[int, str]:
+        error = self._trial(gids, rtol)
+        if error is None:
+            return {}
+        if len(gids) == 1:
+            return {gids[0]: error}
+        half = len(gids) // 2
+        found = {**self._failing(gids[:half], rtol), **self._failing(gids[half:], rtol)}
+        return found or {gid: f"{error} (only with groups {gids} removed together)" for gid in gids}
+
+    @torch.no_grad()
+    def _trial(self, gids: List[int], rtol: float) -> Optional[str]:
+        """None if a slim model without the last channel of each group builds and matches a copy
+        of the program with those channels zeroed; else what went wrong."""
+        from fxprune.passes import prune_rewrite
+        from fxprune.passes.prune_rewrite import copy_graph_module
+
+        keep = {}
+        for gid in gids:  # one channel each: removing many at once could silence the whole output
+            m = np.ones(self.groups[gid].size, bool)
+            m[-1] = False
+            keep[gid] = m
+        try:
+            full = copy_graph_module(self.module)
+            _zero_groups(full, self.groups, keep)
+            slim = prune_rewrite(full, keep, self.example_inputs)
+            if self.on_meta:
+                _check_output_shapes(full, slim, self.example_inputs)
+                return None
+            diff, scale = max_output_difference(full, slim, self.example_inputs)
+        except FxPruneError as e:
+            return f"{type(e).__name__}: {e}"
+        except Exception as e:  # noqa: BLE001 - any failure of the rewrite is the group's
+            return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if diff > rtol * max(1.0, scale):
+            return f"the slim model's output differs by {diff:.3e} (max |output| {scale:.3e})"
+        return None
 
     # ------------------------------------------------------------------ inspection
     def to_dot(self, path: Optional[str] = None) -> str:
@@ -409,6 +536,38 @@ class Program:
                 f"prunable={len(self.prunable_groups)}{extra})")
 
 
+def _zero_groups(module: torch.nn.Module, groups: Sequence[Group], masks: Mapping[int, np.ndarray]) -> None:
+    """Zero, in ``module``'s tensors, the channels each keep-mask drops (every producer slice)."""
+    with torch.no_grad():
+        for gid, keep in masks.items():
+            keep = torch.as_tensor(keep)
+            for s in groups[gid].slices:
+                drop = s.index[~keep[s.channel]]
+                if len(drop):
+                    path, _, attr = s.param.rpartition(".")
+                    t = getattr(module.get_submodule(path) if path else module, attr)
+                    t.index_fill_(s.dim, drop.to(t.device), 0)
+
+
+def copy_training_flags(slim: torch.nn.Module, reference: torch.nn.Module) -> None:
+    """Set each submodule of ``slim`` to the training mode of ``reference``'s module of the same
+    name; a module ``reference`` lacks takes its parent's mode."""
+    ref = dict(reference.named_modules(remove_duplicate=False))
+    flags: Dict[str, bool] = {}
+    for name, m in slim.named_modules(remove_duplicate=False):
+        parent = name.rpartition(".")[0]
+        src = ref.get(name)
+        flags[name] = src.training if src is not None else flags.get(parent, reference.training)
+        m.training = flags[name]
+
+
+def _check_output_shapes(full: torch.nn.Module, slim: torch.nn.Module, inputs: Sequence) -> None:
+    a, b = _run(full, inputs), _run(slim, inputs)
+    if [tuple(x.shape) for x in a] != [tuple(y.shape) for y in b]:
+        raise VerificationError(f"the slim model's output shapes {[tuple(y.shape) for y in b]} differ from "
+                                f"the full model's {[tuple(x.shape) for x in a]}")
+
+
 def _run(module: torch.nn.Module, inputs: Sequence) -> list:
     from fxprune.passes.modes import eval_mode
 
@@ -416,6 +575,15 @@ def _run(module: torch.nn.Module, inputs: Sequence) -> list:
         out = module(*inputs)
     leaves, _ = tree_flatten(out)
     return [x for x in leaves if isinstance(x, torch.Tensor)]
+
+
+def _sharded(module: torch.nn.Module) -> bool:
+    """Whether any parameter of ``module`` is a ``DTensor`` (sharded by FSDP2)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return any(isinstance(p, DTensor) for p in module.parameters())
 
 
 def max_output_difference(full: torch.nn.Module, slim: torch.nn.Module, inputs: Sequence):

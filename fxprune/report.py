@@ -99,8 +99,17 @@ class Report:
 
 def report(full: torch.nn.Module, slim: torch.nn.Module, example_inputs: Any, *, latency: bool = False) -> Report:
     """Compare a full and a slim model: parameters, FLOPs and (with ``latency=True``) CPU
-    latency. ``example_inputs``: a tensor or a tuple of inputs."""
+    latency. ``example_inputs``: a tensor or a tuple of inputs.
+
+    Models on the meta device (planning: shapes, no values) are counted too; FLOPs then come
+    from running them on meta tensors, which a model whose ``forward`` branches on values cannot
+    do (HuggingFace's attention masks): pass the traced graph ``prog.module`` as ``full``.
+    Latency needs real tensors (``UnsupportedInputError`` on meta)."""
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if latency and any(t.is_meta for m in (full, slim) for t in m.parameters()):
+        from .errors import UnsupportedInputError
+
+        raise UnsupportedInputError("latency cannot be measured on the meta device (no values)")
     r = Report(count_params(full), count_params(slim), count_flops(full, inputs), count_flops(slim, inputs))
     if latency:
         r.latency_full_ms = latency_ms(full, inputs)

@@ -24,10 +24,11 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
 import random
 import tempfile
 import time
-from dataclasses import dataclass, field
+import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -38,7 +39,7 @@ from torch.utils.data import DataLoader
 from . import data as data_lib
 from . import distributed as dist_lib
 from . import models as model_lib
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 CHECKPOINT_FORMAT = "fxprune-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -46,48 +47,9 @@ LAST = "last.pt"
 PREV = "prev.pt"
 
 
-@dataclass
-class TrainConfig:
-    """Everything that determines a run's result. Epoch counts may be fractional."""
-
-    model: str = "resnet18"
-    dataset: str = "digits"
-    epochs: int = 6
-    batch_size: int = 32
-    lr: float = 0.05
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 0.5
-    lr_decay_epochs: List[float] = field(default_factory=lambda: [4.5])
-    lr_decay: float = 0.1
-    target_group_sparsity: float = 0.5
-    start_pruning_epoch: float = 1.0
-    pruning_epochs: float = 1.5
-    epsilon: float = 0.0
-    seed: int = 0
-    image_size: int = 32
-    train_subset: Optional[int] = None
-    test_subset: Optional[int] = None
-    mode: str = "prune"  # "prune": DHSPG zeroes channels; "erase": H2SPG erases whole operators (OTOv3)
-    method: str = "dhspg"  # "dhspg" (OTOv2; H2SPG in erase mode) or "ato" (Auto-Train-Once)
-    target_flops: float = 0.5  # ATO: kept fraction of the full model's FLOPs
-    held_out_fraction: float = 0.05  # ATO: share of the training set the controller trains on
-    accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation)
-    precision: str = "fp32"  # "fp32", "bf16" or "fp16" (autocast; fp16 with a GradScaler)
-    sync_bn: bool = False  # SyncBatchNorm over the processes of a torchrun job (CUDA)
-
-
-# Settings a resumed run may change; every other one must match the checkpoint.
-RESUMABLE_OVERRIDES = ("epochs",)
-
-
-def default_out(config: TrainConfig) -> str:
-    """``runs/<dataset>-<model>``, e.g. ``runs/digits-resnet18``."""
-    def clean(s: str) -> str:
-        s = os.path.basename(os.path.normpath(s)) or s
-        return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)
-    return os.path.join("runs", f"{clean(config.dataset)}-{clean(config.model.split(':')[-1])}")
+# The settings live in fxprune.config (no torch import there, for the command line).
+from .config import (RESUMABLE_OVERRIDES, RunOptions, TrainConfig, default_out,  # noqa: E402,F401
+                     previous_run, validate)
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,10 +145,14 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}.{hint}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols concern its own API
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
+        # torch's own message advises loading with weights_only=False, which would run the
+        # file's pickled code: it is not passed on, not even as the cause
         raise CheckpointError(f"checkpoint {path} cannot be read; it is truncated or corrupt "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}).{hint}") from e
+                              f"({_unreadable(path, e)}).{hint}") from None
     if not (isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT):
         raise CheckpointError(f"{path} is not an fxprune training checkpoint.{hint}")
     if payload.get("version") != CHECKPOINT_VERSION:
@@ -197,6 +163,17 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is corrupt: its contents do not match the "
                               f"digest written with them.{hint}")
     return state
+
+
+def _unreadable(path: str, error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` could not read a checkpoint, in fxprune's words."""
+    if os.path.getsize(path) == 0:
+        return "the file is empty"
+    if isinstance(error, pickle.UnpicklingError):
+        return "it holds objects other than the tensors and plain values a checkpoint holds"
+    if "zip" in str(error) or "PytorchStreamReader" in str(error):
+        return f"it is not a complete checkpoint archive ({os.path.getsize(path)} bytes)"
+    return type(error).__name__
 
 
 def resume_path(out: str) -> str:
@@ -261,14 +238,15 @@ def resume_config(saved: Dict[str, Any], given: Dict[str, Any]) -> TrainConfig:
     config = TrainConfig(**saved)
     for k, v in given.items():
         if k == "epochs" and config.method == "ato" and v != config.epochs:
-            raise ValueError(f"the checkpoint is an ATO run of {config.epochs} epochs; its "
-                             f"schedule is laid out over the whole run, so --epochs cannot change")
+            raise ConfigError(f"--epochs cannot change: the checkpoint is an ATO run of {config.epochs} "
+                              f"epochs, whose schedule is laid out over the whole run", "--epochs")
         if k in RESUMABLE_OVERRIDES:
             setattr(config, k, v)
         elif _normalized(v) != _normalized(saved.get(k)):
-            raise ValueError(f"the checkpoint was trained with {k}={saved.get(k)!r}; a resumed "
-                             f"run cannot change it to {v!r} (only {', '.join(RESUMABLE_OVERRIDES)} "
-                             f"may change)")
+            raise ConfigError(f"--{k.replace('_', '-')} cannot change on --resume: the checkpoint was "
+                              f"trained with {saved.get(k)!r}, not {v!r} (only "
+                              f"{', '.join('--' + r for r in RESUMABLE_OVERRIDES)} may change)",
+                              f"--{k.replace('_', '-')}")
     return config
 
 
@@ -278,17 +256,6 @@ def _normalized(v):
 
 # --------------------------------------------------------------------------------------------
 # the run
-
-
-@dataclass
-class RunOptions:
-    """Settings that do not change a run's result."""
-
-    out: Optional[str] = None
-    resume: Optional[str] = None  # a checkpoint path, or "" for OUT's latest
-    num_workers: int = 0
-    device: Optional[str] = None
-    progress: bool = True
 
 
 def train(config: TrainConfig, options: Optional[RunOptions] = None,
@@ -302,7 +269,8 @@ def train(config: TrainConfig, options: Optional[RunOptions] = None,
     under DistributedDataParallel, each process on ``batch_size / N`` examples of every
     global batch (:mod:`fxprune.distributed`); rank 0 prints, writes the checkpoints, the slim
     model and the report, which every rank returns."""
-    ctx = dist_lib.init((options or RunOptions()).device)
+    options = options or RunOptions()
+    ctx = dist_lib.init(None if options.device is None else str(_device(options.device)))  # --device checked first
     ok = False
     try:
         report = _train(config, options, given, ctx)
@@ -327,8 +295,11 @@ def _train(config: TrainConfig, options: Optional[RunOptions], given: Optional[D
         config = resume_config(ckpt["config"], given or {})
         out = out or os.path.dirname(os.path.dirname(os.path.abspath(path)))
     out = out or default_out(config)
+    validate(config, options)  # a resumed run's settings, from its checkpoint, are checked too
+    model_lib.check_name(config.model)
+    if options.overwrite:
+        ctx.on_main(_remove_previous_run, out)
     device = ctx.device
-    _check(config)
     per_rank = dist_lib.per_rank_batch(config.batch_size, ctx, config.accumulate)
 
     splits = data_lib.load(config.dataset, config.image_size, config.train_subset,
@@ -571,26 +542,23 @@ def _sparsity(opt, ato) -> float:
     return 1.0 - float(mask.float().mean())
 
 
-def _check(config: TrainConfig) -> None:
-    if config.mode not in ("prune", "erase"):
-        raise ValueError(f"--mode must be prune or erase, not {config.mode!r}")
-    if config.method not in ("dhspg", "ato"):
-        raise ValueError(f"--method must be dhspg or ato, not {config.method!r}")
-    if config.method == "ato":
-        if config.mode != "prune":
-            raise ValueError("--method ato prunes channels; it does not combine with --mode erase")
-        if not 0.0 < config.target_flops < 1.0:
-            raise ValueError(f"--target-flops must be in (0, 1), not {config.target_flops}")
-        if not 0.0 < config.held_out_fraction < 1.0:
-            raise ValueError(f"--held-out-fraction must be in (0, 1), not {config.held_out_fraction}")
-    if config.optimizer not in ("sgd", "adam", "adamw"):
-        raise ValueError(f"--optimizer must be sgd, adam or adamw, not {config.optimizer!r}")
-    if config.epochs < 1 or config.batch_size < 1:
-        raise ValueError("--epochs and --batch-size must be at least 1")
-    if config.accumulate < 1:
-        raise ValueError(f"--accumulate must be at least 1, not {config.accumulate}")
-    if config.precision not in dist_lib.PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(dist_lib.PRECISIONS)}, not {config.precision!r}")
+def _device(name: Optional[str]) -> torch.device:
+    """``--device``: the named torch device (cuda when available by default)."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"--device must be a torch device such as cpu or cuda:0, not {name!r}", "--device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine", "--device")
+    return device
+
+
+def _remove_previous_run(out: str) -> None:
+    """``--overwrite``: delete the files of the run in ``out`` (rank 0 of a torchrun job)."""
+    for path in previous_run(out):
+        os.remove(path)
 
 
 def _write_json(path: str, obj: Any) -> None:

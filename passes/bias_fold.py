@@ -49,7 +49,8 @@ def fold_biases(gm: torch.fx.GraphModule, slim: torch.fx.GraphModule, analysis: 
     them this one (already cut to their kept output channels) once the weights are sliced.
 
     Raises:
-        fxprune.RewriteError: no example inputs, or a removed channel's value varies.
+        fxprune.RewriteError: no example inputs, a removed channel's value varies, or the tensors
+            are on the meta device (no values to read).
     """
     nodes = {n.name: n for n in gm.graph.nodes}
     sites = [(site, units) for site, units in analysis.folds if site.node in nodes and not alive[units].all()]
@@ -59,6 +60,10 @@ def fold_biases(gm: torch.fx.GraphModule, slim: torch.fx.GraphModule, analysis: 
     if example_inputs is None:
         raise RewriteError("constant channels must be folded into a bias: example inputs are needed",
                            nodes[sites[0][0].node])
+    if any(t.is_meta for t in gm.parameters()):
+        raise RewriteError("a removed channel holds a constant that the slim model folds into a bias, and on "
+                           "the meta device its value cannot be read; build this slim model from real "
+                           "weights (or keep this group's channels)", nodes[sites[0][0].node])
     capture = _CaptureInputs(gm, [site.node for site, _ in sites])
     with torch.no_grad(), eval_mode(gm):
         capture.run(*example_inputs)

@@ -21,6 +21,7 @@ from fxprune.ir import Group, Slice
 
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from .autograd_functions import autograd_function, describe as describe_autograd_function
 from .channels import ZERO, TensorChannels, unique_sorted
 from .lookup import Lookup
 from .op_semantics import META_SPEC
@@ -72,7 +73,73 @@ def walk(gm: torch.fx.GraphModule, registry: Registry = REGISTRY) -> Analysis:
         node.meta[META_OP] = spec_name
         an.specs[node.name] = spec_name
         an.channels[node.name] = out
+    _freeze_outside_uses(gm, an)
     return an
+
+
+# reading these from a tensor touches none of its values
+_METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "layout", "is_cuda", "requires_grad"}
+_METADATA_METHODS = {"size", "dim", "numel", "nelement", "element_size", "stride", "is_contiguous"}
+_ALIASES = ({"data"}, {"detach"})  # getattr names and methods that give the same values
+
+
+def _freeze_outside_uses(gm: torch.fx.GraphModule, an: Analysis) -> None:
+    """A parameter or buffer of a module called as a leaf (``call_module``) is linked to
+    channels by that module's rule alone. When another node also reads or writes it through a
+    ``get_attr`` (``self.conv.weight.data.clamp_(-1, 1)``, a weight clipped or scaled in place
+    in ``forward``), that use follows none of the module's channel semantics: every dim of the
+    tensor is frozen, with the node that uses it in the reason. Reading only its shape, dtype or
+    device is not a use (and makes no channels of the dims the module does not link)."""
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    if not called:
+        return
+    aliases: Dict[str, List[str]] = {}
+    for alias, canonical in an.canonical.items():
+        aliases.setdefault(canonical, []).append(alias)
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        name = an.canonical.get(node.target, node.target)
+        owners = [a.rpartition(".")[0] for a in aliases.get(name, [node.target])]
+        owner = next((o for o in owners if o in called), None)
+        if owner is None:
+            continue
+        keys = [key for key in an.params if key[0] == name]
+        user = _value_user(node)
+        if user is None:
+            # only its shape is read: the dims the module's rule does not link (a kernel's taps)
+            # are no channels, as they would be without this read
+            for key in keys:
+                info = an.params[key]
+                if info.default_role and info.nodes == [node.name]:
+                    info.roles = {"kernel"}
+                    info.default_role = False
+            continue
+        reason = (f"{name} belongs to module '{owner}' but is also read or written outside that "
+                  f"module by {describe_node(user)}")
+        for key in keys:
+            an.pins.append((an.params[key].track.units.copy(), reason))
+
+
+def _value_user(node: torch.fx.Node) -> Optional[torch.fx.Node]:
+    """The first node that reads the values of ``node`` (through ``.data`` / ``detach()``
+    aliases), or None if every use reads metadata only."""
+    stack = list(node.users)
+    while stack:
+        user = stack.pop(0)
+        if user.op == "call_function" and user.target is getattr and len(user.args) > 1:
+            if user.args[1] in _METADATA_ATTRS:
+                continue
+            if user.args[1] in _ALIASES[0]:
+                stack.extend(user.users)
+                continue
+        if user.op == "call_method" and user.target in _METADATA_METHODS:
+            continue
+        if user.op == "call_method" and user.target in _ALIASES[1] and len(user.args) == 1:
+            stack.extend(user.users)
+            continue
+        return user
+    return None
 
 
 def _freeze_unaccounted(ctx: RuleContext, out: Any, spec_name: str) -> None:
@@ -139,6 +206,8 @@ def _op_name(node: torch.fx.Node, module: Optional[torch.nn.Module]) -> str:
     if node.op == "call_method":
         return f"method Tensor.{node.target}"
     t = node.target
+    if autograd_function(t) is not None:
+        return describe_autograd_function(t)
     return f"function {getattr(t, '__module__', '')}.{getattr(t, '__name__', repr(t))}"
 
 

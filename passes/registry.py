@@ -3,7 +3,8 @@
 An entry (:class:`OpSpec`) is keyed by what a torch.fx node calls:
 
 * ``call_module``: the module class (looked up along the MRO, so subclasses inherit);
-* ``call_function``: the target callable (``torch.cat``, ``operator.add``, ``F.relu`` ...);
+* ``call_function``: the target callable (``torch.cat``, ``operator.add``, ``F.relu`` ...; a
+  custom autograd Function by its ``X.apply``);
 * ``call_method``: the method name (``"view"``, ``"chunk"`` ...).
 
 Each entry has a ``rule`` that maps the channel tracks of the node's inputs to those of its
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Optional, Union
 
 import torch.fx
+
+from .autograd_functions import autograd_function
 
 
 @dataclass(frozen=True)
@@ -63,9 +66,11 @@ class Registry:
             return None
         if node.op == "call_function":
             try:
-                return self.functions.get(node.target)
+                spec = self.functions.get(node.target)
             except TypeError:  # unhashable target
                 return None
+            cls = autograd_function(node.target) if spec is None else None
+            return self.functions.get(cls.apply) if cls is not None else spec
         if node.op == "call_method":
             return self.methods.get(node.target)
         return None

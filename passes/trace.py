@@ -20,6 +20,7 @@ import torch.fx
 
 from fxprune.errors import TraceError
 
+from .autograd_functions import collapse_marked, marked_for_export, opaque_for_fx
 from .modes import eval_mode
 
 
@@ -134,7 +135,9 @@ def trace(model: torch.nn.Module, *, leaf_modules: Iterable[Union[type, str]] = 
         return model
     tr = tracer if tracer is not None else FxPruneTracer(leaf_modules)
     try:
-        with eval_mode(model):  # Python branches on self.training are resolved as in inference
+        # Python branches on self.training are resolved as in inference; custom autograd
+        # Functions stay single opaque calls, so that their own backward runs
+        with eval_mode(model), opaque_for_fx():
             graph = tr.trace(model, concrete_args=concrete_args)
     except Exception as exc:
         raise _trace_error(model, exc) from exc
@@ -177,13 +180,16 @@ def export(model: torch.nn.Module, example_inputs: tuple) -> torch.fx.GraphModul
     symbolic tracing cannot take (HuggingFace transformers 5, which has no fx tracer).
 
     The graph is exported in eval mode; its parameters are re-pointed at the model's own, so
-    training the GraphModule trains the model. Raises :class:`fxprune.TraceError`.
+    training the GraphModule trains the model; custom ``torch.autograd.Function`` calls are kept
+    as opaque calls (:mod:`fxprune.passes.autograd_functions`). Raises :class:`fxprune.TraceError`.
     """
     try:
-        with eval_mode(model):
+        with eval_mode(model), marked_for_export() as marks:
             gm = torch.export.export(model, tuple(example_inputs), strict=False).module()
     except Exception as exc:
         raise TraceError(f"torch.export cannot export {type(model).__qualname__}: {type(exc).__name__}: {exc}") from exc
+    if marks.calls:  # custom autograd Functions: their inlined forwards become opaque calls again
+        collapse_marked(gm, marks)
     own = dict(model.named_parameters(remove_duplicate=False))
     own.update(dict(model.named_buffers(remove_duplicate=False)))
     for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):

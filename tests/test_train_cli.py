@@ -111,8 +111,9 @@ def test_resume_is_bit_identical(straight, tmp_path):
 
 def test_resume_refuses_changed_settings(straight, tmp_path, capsys):
     shutil.copytree(straight, tmp_path / "run")
-    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--lr", "0.5"]) == 1
-    assert "lr" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--lr", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--lr cannot change on --resume" in err
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
@@ -202,7 +203,156 @@ def test_ato_resume_after_crash_is_bit_identical(ato_run, tmp_path):
 
 def test_ato_refuses_changed_epochs_and_erase_mode(ato_run, tmp_path, capsys):
     shutil.copytree(ato_run, tmp_path / "run")
-    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--epochs", "3"]) == 1
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--epochs", "3"]) == 2
     assert "schedule" in capsys.readouterr().err
-    assert run(tmp_path / "erase", "--method", "ato", "--mode", "erase") == 1
+    assert run(tmp_path / "erase", "--method", "ato", "--mode", "erase") == 2
     assert "erase" in capsys.readouterr().err
+
+
+def test_unreadable_checkpoint_gives_no_unsafe_advice(tmp_path, recwarn):
+    """torch's own message for a file weights_only=True cannot read advises weights_only=False
+    (which would run the file's pickled code): fxprune's error says why, without that advice,
+    and torch's warning about pickle protocols is not shown."""
+    import pickle
+
+    ckpts = tmp_path / "checkpoints"
+    from fxprune.train import save_checkpoint
+
+    save_checkpoint({"epoch": 1, "model": {"w": torch.ones(3)}}, str(ckpts))
+    blob = (ckpts / LAST).read_bytes()
+    for content, why in ((b"", "the file is empty"),
+                         (pickle.dumps({"a": 1}, protocol=4), "holds objects other than"),
+                         (blob[: len(blob) // 2], "not a complete checkpoint archive")):
+        (ckpts / LAST).write_bytes(content)
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(str(ckpts / LAST))
+        message = str(info.value)
+        assert why in message and "weights_only" not in message, message
+        assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert not [w for w in recwarn.list if "pickle" in str(w.message)]
+
+
+# ---------------------------------------------------------------------------- the command line
+
+
+def test_help_imports_no_torch():
+    """``fxprune train -h`` and ``fxprune export -h`` answer before torch is imported."""
+    code = ("import sys\nfrom fxprune.cli import main\n"
+            "for cmd in ('train', 'export'):\n"
+            "    try:\n        main([cmd, '-h'])\n    except SystemExit as e:\n        assert e.code == 0\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n"
+            "import fxprune\nassert 'torch' not in sys.modules\nprint('ok')\n")
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.endswith("ok\n"), proc.stderr
+    assert "--overwrite" in proc.stdout and "--no-progress" in proc.stdout
+
+
+def _refuse(monkeypatch, *names):
+    """Fail the test if any of ``fxprune.data.load`` / ``fxprune.program.compile`` is called."""
+    import fxprune.data
+    import fxprune.program
+
+    def refuse(*a, **k):
+        raise AssertionError(f"called one of {names} before the flags and data were checked")
+
+    for name in names:
+        module, attr = name.rsplit(".", 1)
+        monkeypatch.setattr({"data": fxprune.data, "program": fxprune.program}[module], attr, refuse)
+
+
+@pytest.fixture
+def nothing_loaded(monkeypatch):
+    _refuse(monkeypatch, "data.load", "program.compile")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image-size", "0"], "--image-size must be an integer in [1, 4096], not 0"),
+    (["--target-group-sparsity", "1"], "--target-group-sparsity must be in [0, 1), not 1.0"),
+    (["--epochs", "0"], "--epochs must be an integer of at least 1, not 0"),
+    (["--batch-size", "-2"], "--batch-size must be an integer of at least 1"),
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--momentum", "1"], "--momentum must be in [0, 1)"),
+    (["--lr-decay-epochs", "3,-1"], "--lr-decay-epochs must be epochs of at least 0"),
+    (["--pruning-epochs", "0"], "--pruning-epochs must be positive"),
+    (["--method", "ato", "--target-flops", "1.2"], "--target-flops must be in (0, 1)"),
+    (["--method", "ato", "--mode", "erase"], "--method ato prunes channels"),
+    (["--train-subset", "0"], "--train-subset must be an integer of at least 1"),
+    (["--num-workers", "-1"], "--num-workers must be an integer of at least 0"),
+    (["--dataset", "/no/such/folder"], "--dataset must be 'digits' or an ImageFolder directory"),
+    (["--model", "resnet18:"], "--model must be a torchvision model name or module:factory"),
+    (["--model", "no_such_net"], "--model must be a torchvision classification model name"),
+    (["--model", "fxprune.models:no_such_factory"], "--model fxprune.models:no_such_factory: fxprune.models has no"),
+    (["--device", "warp9"], "--device must be a torch device"),
+    (["--resume", "--overwrite"], "give one of them"),
+    (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
+])
+def test_bad_flags_are_named_before_anything_loads(nothing_loaded, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) if "invalid int" in message else _no_raise() as info:
+        code = main(["train", "--out", str(tmp_path / "run"), *args])
+    code = info.value.code if isinstance(info, pytest.ExceptionInfo) else code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert message in err, err
+
+
+class _no_raise:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _images(folder, n, size=12):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = torch.Generator().manual_seed(0)
+    for i in range(n):
+        arr = (torch.rand(size, size, 3, generator=rng) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(folder / f"{i}.png")
+
+
+@pytest.fixture
+def no_compile(monkeypatch):
+    _refuse(monkeypatch, "program.compile")
+
+
+@pytest.mark.parametrize("case", ["empty folder", "one class", "garbage image", "truncated jpeg"])
+def test_unusable_datasets_are_named_before_training(no_compile, tmp_path, capsys, case):
+    data = tmp_path / "data"
+    data.mkdir()
+    bad = None
+    if case != "empty folder":
+        _images(data / "cat", 6)
+    if case in ("garbage image", "truncated jpeg"):
+        _images(data / "dog", 6)
+        if case == "garbage image":
+            bad = data / "dog" / "x.png"
+            bad.write_bytes(b"this is not an image")
+        else:
+            from PIL import Image
+
+            bad = data / "dog" / "y.jpg"
+            Image.new("RGB", (64, 64), (200, 30, 30)).save(bad, quality=95)
+            bad.write_bytes(bad.read_bytes()[:300])
+    code = main(["train", "--dataset", str(data), "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    expected = {"empty folder": "holds no images in class folders", "one class": "has one class ('cat')"}
+    assert (expected[case] if bad is None else f"image {bad} cannot be read") in err, err
+
+
+def test_a_fresh_run_refuses_an_output_that_holds_a_run(straight, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    stamp = (out / "checkpoints" / LAST).stat().st_mtime_ns
+    assert run(out, "--epochs", "1") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds a run (checkpoints/last.pt" in err and "--overwrite" in err
+    assert (out / "checkpoints" / LAST).stat().st_mtime_ns == stamp  # nothing was touched
+    assert run(out, "--epochs", "1", "--overwrite") == 0
+    assert report_of(out)["history"][-1]["epoch"] == 1
+    assert sorted(os.listdir(out / "checkpoints")) == [LAST]  # the old prev.pt is gone too

@@ -10,18 +10,24 @@ scale is known to be 1 (:func:`sgd_step`); only the rows of shrinking channels w
 step, is then SGD's plus one more pass over the redundant rows.
 
 The kernels are C++ built with ``torch.utils.cpp_extension`` on first use, with the machine's
-C++ compiler and ninja (a dependency of fxprune; about 15 s, then cached in torch's extension
-directory), for contiguous float32/float64 CPU tensors whose rows are their dim 0,
+C++ compiler and ninja (a dependency of fxprune; about 15 s), then cached once per machine in
+torch's extension directory under a name that hashes the source, torch's version and the flags
+(:func:`build_spec`), for contiguous float32/float64 CPU tensors whose rows are their dim 0,
 in lists (one call per step, one parallel region over all the tensors' rows). Anything else
 takes the stock path, which gives the same values up to rounding (rows are summed in float64).
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import os
+import platform
+import sys
+import tempfile
 import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -31,8 +37,8 @@ _SOURCE = Path(__file__).with_name("_fused.cpp")
 
 
 def kernels():
-    """The compiled extension (built once per machine from ``_fused.cpp``, about 15 s; cached
-    on disk by torch, per source and flags; a failed build is not retried in this process).
+    """The compiled extension (built once per machine from ``_fused.cpp``, about 15 s; cached on
+    disk, see :func:`build_spec`; a failed build is not retried in this process).
 
     Raises:
         fxprune.UnsupportedInputError: the extension cannot be built (no C++ compiler or ninja).
@@ -43,26 +49,88 @@ def kernels():
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def _build():
-    """The extension, or the error that building it gave."""
-    # importing it probes for a CUDA toolkit and, with a CUDA build of torch on a machine
-    # without a GPU, logs a warning that has nothing to do with these CPU kernels
+def _flags() -> Tuple[List[str], List[str]]:
+    # float64 accumulation keeps up with memory only with wide vectors: use AVX2 where torch's
+    # own kernels found it
+    wide = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    return ["-O3", "-fopenmp"] + (["-mavx2", "-mfma"] if wide else []), ["-fopenmp"]
+
+
+def cache_key(source: bytes, cflags: Sequence[str], ldflags: Sequence[str]) -> str:
+    """What a build depends on: the kernel source, torch's version, Python's, the platform, the
+    compiler named by ``CXX`` and the flags; never the path of the checkout or environment."""
+    h = hashlib.sha256()
+    for part in (source, torch.__version__, sys.version.split()[0], sys.abiflags if hasattr(sys, "abiflags") else "",
+                 platform.machine(), os.environ.get("CXX", ""), " ".join(cflags), " ".join(ldflags)):
+        h.update(part if isinstance(part, bytes) else part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def build_spec(source_path: Path = _SOURCE) -> Tuple[str, str]:
+    """``(extension name, build directory)`` of the kernels: the name carries
+    :func:`cache_key`, the directory is torch's for that name (``$TORCH_EXTENSIONS_DIR/<name>``
+    or ``~/.cache/torch_extensions/<python>_<accelerator>/<name>``), so every checkout and
+    virtual environment on a machine with the same source, torch and flags shares one build,
+    and a different source builds next to it instead of over it."""
+    cflags, ldflags = _flags()
+    name = f"fxprune_dhspg_{cache_key(source_path.read_bytes(), cflags, ldflags)}"
+    cpp_extension = _cpp_extension()
+    try:
+        directory = cpp_extension._get_build_directory(name, verbose=False)
+    except AttributeError:  # torch moved it: the same layout under TORCH_EXTENSIONS_DIR
+        root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+        directory = os.path.join(root, name)
+        os.makedirs(directory, exist_ok=True)
+    return name, directory
+
+
+def _cpp_extension():
+    """``torch.utils.cpp_extension``: importing it probes for a CUDA toolkit and, with a CUDA
+    build of torch on a machine without a GPU, logs a warning that has nothing to do with these
+    CPU kernels; it is silenced."""
     probe = logging.getLogger("torch.utils.cpp_extension")
     level = probe.level
     probe.setLevel(logging.ERROR)
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils import cpp_extension
     finally:
         probe.setLevel(level)
+    return cpp_extension
 
-    # float64 accumulation keeps up with memory only with wide vectors: use AVX2 where torch's
-    # own kernels found it (the build is cached per capability)
-    wide = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    flags = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma"] if wide else [])
-    name = "fxprune_dhspg_fused" + ("_avx2" if wide else "")
+
+def _source_in(directory: str, name: str, source: bytes) -> str:
+    """The kernel source as ``<directory>/<name>.cpp``: written once, atomically (a linked
+    temporary file), never rewritten, so that ninja sees the same input path and time from
+    every checkout and concurrent processes never see a half-written file."""
+    path = os.path.join(directory, f"{name}.cpp")
+    if not os.path.exists(path):
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".src-", suffix=".cpp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(source)
+            os.chmod(tmp, 0o644)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another process wrote the same content first
+        finally:
+            os.remove(tmp)
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _build():
+    """The extension, or the error that building it gave."""
+    load = _cpp_extension().load
+    cflags, ldflags = _flags()
     try:
-        return load(name, sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+        name, directory = build_spec()
+        source = _source_in(directory, name, _SOURCE.read_bytes())
+        # torch.utils.cpp_extension holds a file lock on the build directory while it builds:
+        # processes that start together build once, the others wait and load that build
+        return load(name, sources=[source], build_directory=directory, extra_cflags=cflags,
+                    extra_ldflags=ldflags, verbose=False)
     except Exception as exc:  # compiler missing or failing: say so, with the cause
         err = UnsupportedInputError(f"DHSPG's fused CPU kernels need a C++ compiler and ninja to build, and "
                                     f"the build failed: {type(exc).__name__}: {exc}")

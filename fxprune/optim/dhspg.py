@@ -253,6 +253,9 @@ class DHSPG(torch.optim.Optimizer):
         #: whether steps take the fused CPU kernels (see the ``fused`` argument)
         self.fused = bool(fused)
 
+        if self.target_group_sparsity > 0 and hasattr(prog, "check_construction"):
+            # a group whose removal cannot be built is frozen now, not found after training
+            prog.check_construction()
         layout = ChannelLayout(module, prog.groups)
         self._layout = layout
         C = layout.num_channels
