@@ -28,6 +28,10 @@ def _modes(mode: Any) -> tuple:
 
 def _normalize_inputs(model: torch.nn.Module, example_inputs: Any) -> tuple:
     """A tensor, a tuple/list of positional inputs, or a dict of keyword inputs -> a tuple."""
+    if isinstance(model, torch.fx.GraphModule):
+        from fxprune.passes.trace import realize
+
+        realize(model)  # a lazy GraphModule's forward gets its real signature
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)):
