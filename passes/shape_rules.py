@@ -474,13 +474,26 @@ def _layer_norm_function(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
                       _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias"))
 
 
-def _group_norm_module(m: nn.Module, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
-    x = args[0] if len(args) == 1 and not kwargs else None
-    if not _float(x) or x.dim() < 2 or x.shape[1] != m.num_channels or m.num_channels % m.num_groups:
+def group_norm(x: Any, num_groups: Any, weight: Any, bias: Any) -> Optional[torch.Tensor]:
+    """Group norm: the input's layout (see :func:`layout`)."""
+    if not _float(x) or x.dim() < 2 or not isinstance(num_groups, int) or num_groups < 1 or x.shape[1] % num_groups:
         return None
-    if any(p is not None and p.dtype != x.dtype for p in (m.weight, m.bias)):
-        return None
+    for p in (weight, bias):
+        if p is not None and (not _is_tensor(p) or p.dtype != x.dtype or tuple(p.shape) != (x.shape[1],)):
+            return None
     return _like_layout(x, tuple(x.shape))
+
+
+def _group_norm_module(m: nn.Module, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    if len(args) != 1 or kwargs or args[0].shape[1] != m.num_channels:
+        return None
+    return group_norm(args[0], m.num_groups, m.weight, m.bias)
+
+
+def _group_norm_function(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """``group_norm(input, num_groups, weight, bias, eps, ...)`` (``F`` and ATen)."""
+    return group_norm(_arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "num_groups"),
+                      _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias"))
 
 
 def _pool_size(size: int, k: int, s: int, p: int, d: int, ceil: bool) -> int:
@@ -806,6 +819,7 @@ FUNCTION_RULES: Dict[Any, Callable] = {
 }
 
 FUNCTION_RULES[F.batch_norm] = _batch_norm_function
+FUNCTION_RULES[F.group_norm] = _group_norm_function
 FUNCTION_RULES[F.scaled_dot_product_attention] = _sdpa_function
 FUNCTION_RULES[torch._C._nn.avg_pool2d] = _avg_pool_function(2)
 
@@ -818,7 +832,8 @@ def _aten_rules() -> Dict[Any, Callable]:
         "conv1d.default": _conv_function(1), "conv2d.default": _conv_function(2), "conv3d.default": _conv_function(3),
         "conv1d.padding": _conv_function(1), "conv2d.padding": _conv_function(2), "conv3d.padding": _conv_function(3),
         "linear.default": FUNCTION_RULES[F.linear], "layer_norm.default": _layer_norm_function,
-        "batch_norm.default": _aten_batch_norm, "cat.default": _cat_function, "mean.dim": _mean_method,
+        "batch_norm.default": _aten_batch_norm, "group_norm.default": _group_norm_function,
+        "cat.default": _cat_function, "mean.dim": _mean_method,
         "adaptive_avg_pool1d.default": _adaptive_avg_pool_function(1),
         "adaptive_avg_pool2d.default": _adaptive_avg_pool_function(2),
         "adaptive_avg_pool3d.default": _adaptive_avg_pool_function(3),

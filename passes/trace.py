@@ -142,8 +142,22 @@ def trace(model: torch.nn.Module, *, leaf_modules: Iterable[Union[type, str]] = 
         _inline_concrete(graph, concrete_args, list(inspect.signature(model.forward).parameters))
     name = model.__class__.__name__
     gm = graph_module(tr.root, graph, name)
-    gm.training = model.training
+    _set_container_flags(gm, model)
     return gm
+
+
+def _set_container_flags(gm: torch.fx.GraphModule, model: torch.nn.Module) -> None:
+    """The GraphModule and the plain ``nn.Module`` containers torch.fx creates for the paths
+    to its submodules get the model's train/eval flag (they are created in training mode);
+    the model's own submodules keep theirs."""
+    own = {id(m) for m in model.modules()}
+    stack = [gm]
+    while stack:
+        m = stack.pop()
+        if id(m) in own:
+            continue
+        m.training = model.training
+        stack.extend(c for c in m._modules.values() if c is not None)
 
 
 def graph_module(root: torch.nn.Module, graph: torch.fx.Graph, name: str) -> torch.fx.GraphModule:
