@@ -74,6 +74,10 @@ class Describer:
         return meta
 
     def record(self, n: torch.fx.Node, result: Any) -> None:
+        if type(result) is torch.Tensor:  # the usual case, without map_aggregate
+            n.meta[TENSOR_META] = self(result)
+            n.meta["type"] = torch.Tensor
+            return
         found_tensor = False
 
         def describe(obj: Any) -> Any:
