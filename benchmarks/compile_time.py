@@ -55,7 +55,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _runner import run_worker  # noqa: E402
-from _timing import load_average, timed_runs, tp_runner  # noqa: E402
+from _timing import load_average, reset_peak_rss, rss_kib, timed_runs, tp_runner  # noqa: E402
 
 TOOLS = ("fxprune", "tp+groups", "tp", "fx-trace", "fx-floor")
 ZOO = ("resnet50", "densenet121", "convnext_tiny", "efficientnet_b0", "regnet_y_400mf", "vit_b_16")
@@ -70,23 +70,6 @@ TARGET_DEPTH_GROWTH = 12.0  # fxprune on 1000 blocks / on 100 blocks
 
 
 # ------------------------------------------------------------------------- worker process
-
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _runner(tool: str):
@@ -135,12 +118,12 @@ def worker(tool: str, label: str, side: int, repeats: int) -> dict:
 
     model, inputs = _models.build_for_benchmark(label, side)
     gc.collect()
-    rss_before = _status_kb("VmRSS")
-    can_reset = _reset_peak_rss()
+    rss_before = rss_kib("VmRSS")
+    can_reset = reset_peak_rss()
     t0 = time.perf_counter()
     info = run(model, inputs)
     first = time.perf_counter() - t0
-    rss_peak = (_status_kb("VmHWM") - rss_before) / 1024 if can_reset else None
+    rss_peak = (rss_kib("VmHWM") - rss_before) / 1024 if can_reset else None
 
     per_pass: Dict[str, Dict[str, List[float]]] = {"wall": {}, "cpu": {}}
 
@@ -261,24 +244,24 @@ def size_table(rows: dict, models, sides) -> str:
 def summarize(rows: dict, models, sides) -> dict:
     summary: dict = {}
     zoo = [m for m in models if not m.startswith(SYNTH)]
+    def ratios(metric, top, bottom):
+        """model -> ``top`` / ``bottom``, each a (tool, side), over the zoo models that have both."""
+        out = {m: _div(rows[key(m, top[1])].get(top[0], {}).get(metric),
+                       rows[key(m, bottom[1])].get(bottom[0], {}).get(metric)) for m in zoo}
+        return {m: r for m, r in out.items() if r}
+
     for metric, label in (("median_s", "wall"), ("median_cpu_s", "cpu")):
         for side in sides:
-            ratios = {m: _div(rows[key(m, side)].get("fxprune", {}).get(metric),
-                              rows[key(m, side)].get("tp+groups", {}).get(metric)) for m in zoo}
-            ratios = {m: r for m, r in ratios.items() if r}
-            if ratios:
-                summary[f"fxprune_over_tp_groups_{label}_{side}"] = ratios
-                summary[f"fxprune_over_tp_groups_{label}_{side}_max"] = max(ratios.values())
-            trace = {m: _div(rows[key(m, side)].get("fx-trace", {}).get(metric),
-                             rows[key(m, side)].get("tp+groups", {}).get(metric)) for m in zoo}
-            trace = {m: r for m, r in trace.items() if r}
+            fx = ratios(metric, ("fxprune", side), ("tp+groups", side))
+            if fx:
+                summary[f"fxprune_over_tp_groups_{label}_{side}"] = fx
+                summary[f"fxprune_over_tp_groups_{label}_{side}_max"] = max(fx.values())
+            trace = ratios(metric, ("fx-trace", side), ("tp+groups", side))
             if trace:
                 summary[f"trace_over_tp_groups_{label}_{side}"] = trace
         if len(sides) > 1:
             lo, hi = min(sides), max(sides)
-            growth = {m: _div(rows[key(m, hi)].get("fxprune", {}).get(metric),
-                              rows[key(m, lo)].get("fxprune", {}).get(metric)) for m in zoo}
-            growth = {m: g for m, g in growth.items() if g}
+            growth = ratios(metric, ("fxprune", hi), ("fxprune", lo))
             if growth:
                 summary[f"fxprune_{hi}_over_{lo}_{label}"] = growth
                 summary[f"fxprune_{hi}_over_{lo}_{label}_max"] = max(growth.values())

@@ -51,7 +51,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _runner import run_worker  # noqa: E402
-from _timing import load_average, timed_runs, tp_runner  # noqa: E402
+from _timing import load_average, reset_peak_rss, rss_kib, timed_runs, tp_runner  # noqa: E402
 
 TOOLS = ("fxprune", "tp", "tp+groups")
 CONFIGS = {
@@ -85,23 +85,6 @@ def build(config: str, layers: int):
     return model, (ids,)
 
 
-def _rss_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _runner(tool: str):
     if tool == "fxprune":
         import torch
@@ -131,13 +114,13 @@ def worker(tool: str, config: str, layers: int, repeats: int) -> dict:
         model, inputs = build(config, layers)
         rec["params"] = sum(p.numel() for p in model.parameters())
         gc.collect()
-        rss_before = _rss_kb("VmRSS")
-        can_reset = _reset_peak_rss()
+        rss_before = rss_kib("VmRSS")
+        can_reset = reset_peak_rss()
         t0 = time.perf_counter()
         info = run(model, inputs)
         rec["first_s"] = time.perf_counter() - t0
         if can_reset:
-            rec["peak_rss_mib"] = _rss_kb("VmHWM") / 1024
+            rec["peak_rss_mib"] = rss_kib("VmHWM") / 1024
             rec["rss_growth_mib"] = rec["peak_rss_mib"] - rss_before / 1024
         per_pass: Dict[str, Dict[str, List[float]]] = {"wall": {}, "cpu": {}}
 

@@ -275,8 +275,8 @@ def binary(operands: Sequence[Any], kind: str = "arith") -> Optional[torch.Tenso
     if dtype.is_floating_point:
         pass
     elif dtype == torch.bool:
-        if any(type(s) is not bool for s in scalars) or kind == "div":
-            return None
+        if any(type(s) is not bool for s in scalars) or kind != "compare":
+            return None  # bool arithmetic promotes or is refused
     elif any(isinstance(s, float) for s in scalars) or kind == "div":
         return None
     shapes = tuple(tuple(t.shape) for t in tensors)
