@@ -237,7 +237,8 @@ class MetaShapes:
     # ------------------------------------------------------------------ real values
     def _real_call(self, node: torch.fx.Node) -> Any:
         """Run ``node`` on real values, computing those of its inputs first: the nodes it
-        depends on, or every node before it when one of those may write into a tensor."""
+        depends on, or every node before it when any of those may write into a tensor in place
+        (its inputs then depend on the order of the writes)."""
         self.real_nodes.append(node.name)
         position = {n: i for i, n in enumerate(self.nodes)}
         before = [n for n in self.nodes[:position[node]] if n.op not in ("placeholder", "get_attr", "output")]

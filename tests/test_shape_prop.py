@@ -8,6 +8,8 @@ Value-dependent ops (``nonzero``, boolean masks, ``unique``, ``.item()``) run on
 computed for just the nodes they depend on; a convolution never runs.
 """
 import operator
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -218,3 +220,24 @@ def test_compile_with_value_dependent_ops_matches_the_eager_shapes():
     assert set(prog.timings) == {"trace", "shape_prop", "op_semantics", "channel_deps", "symbolic_shapes"}
     assert set(prog.cpu_timings) == set(prog.timings)
     assert "conv" in prog.module.code  # the lazily generated code is there when asked for
+
+
+# ----------------------------------------------------------------------------------------------
+# the torchvision zoo (slow tier)
+# ----------------------------------------------------------------------------------------------
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import _models  # noqa: E402  (benchmarks/_models.py: model list, builders, input sizes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _models.ALL)
+def test_zoo_metadata_equals_the_eager_run(name):
+    """Every torchvision model, in float64 as the zoo's equivalence test compiles it (float64
+    convolutions take other CPU kernels than float32 ones), through fxprune's front end."""
+    from fxprune.program import _front_end
+
+    model = _models.build(name, seed=0).double()
+    inputs = _models.example_inputs(name, seed=0, dtype=torch.float64)
+    gm = _front_end(model, inputs, "auto", leaf_modules=(), concrete_args=None, tracer=None)
+    assert assert_same_metadata(gm, inputs).real_nodes == []
