@@ -59,8 +59,9 @@ def input_shape(name: str, batch: int = 1) -> Tuple[int, int, int, int]:
     return (batch, 3, side, side)
 
 
-def build(name: str, seed: int = 0, fill_zeros: bool = True) -> nn.Module:
-    """The torchvision model ``name`` with random weights, in eval mode.
+def build(name: str, seed: int = 0, fill_zeros: bool = True, side: int = 0) -> nn.Module:
+    """The torchvision model ``name`` with random weights, in eval mode, for inputs of ``side``
+    pixels (0: :func:`input_side`; only ViTs depend on it, through their position embedding).
 
     With ``fill_zeros`` every parameter that the model's own initialisation leaves all zero
     (biases, ViT's classification head) is drawn from N(0, 0.02^2) instead: a zero head makes
@@ -71,7 +72,7 @@ def build(name: str, seed: int = 0, fill_zeros: bool = True) -> nn.Module:
     if name in SEGMENTATION:
         kwargs.setdefault("weights_backbone", None)
     if name.startswith("vit_"):
-        kwargs.setdefault("image_size", input_side(name))
+        kwargs.setdefault("image_size", side or input_side(name))
     torch.manual_seed(seed)
     model = tvm.get_model(name, weights=None, **kwargs)
     if fill_zeros:
@@ -145,7 +146,7 @@ def build_synthetic(blocks: int, channels: int = 16) -> nn.Module:
 SYNTHETIC_SIDE = 16  # input side for the synthetic nets: graph size, not pixels, is measured
 
 # Models of the compile-time benchmark: (label, builder, example_inputs).
-COMPILE_TIME_MODELS = ["resnet50", "densenet121", "convnext_tiny", "efficientnet_b0",
+COMPILE_TIME_MODELS = ["resnet50", "densenet121", "convnext_tiny", "efficientnet_b0", "regnet_y_400mf", "vit_b_16",
                        "resnet_synth_100", "resnet_synth_1000"]
 
 
@@ -161,7 +162,7 @@ def build_for_benchmark(label: str, side: int = 0) -> Tuple[nn.Module, Tuple[tor
         x = torch.randn(1, 3, SYNTHETIC_SIDE, SYNTHETIC_SIDE, generator=gen)
         return build_synthetic(blocks), (x,)
     side = side or input_side(label)
-    return build(label), (torch.randn(1, 3, side, side, generator=gen),)
+    return build(label, side=side), (torch.randn(1, 3, side, side, generator=gen),)
 
 
 __all__ = [

@@ -7,6 +7,7 @@
   steps); an optional ``sync`` waits for an accelerator before and after every call.
 * :func:`tp_runner`: the Torch-Pruning analysis the compile-time benchmarks compare with.
 * :func:`load_average`: the machine's 1, 5 and 15 minute load averages, reported with numbers.
+* :func:`rss_kib`, :func:`reset_peak_rss`: the process's resident set size and its peak.
 """
 from __future__ import annotations
 
@@ -23,6 +24,27 @@ def load_average() -> Optional[List[float]]:
         return [round(v, 2) for v in os.getloadavg()]
     except OSError:
         return None
+
+
+def rss_kib(key: str = "VmRSS") -> int:
+    """A memory figure of this process from ``/proc/self/status`` in KiB (``"VmRSS"``: resident
+    set size now, ``"VmHWM"``: its peak)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def reset_peak_rss() -> bool:
+    """Reset the peak resident set size (``VmHWM``) to the current one, through
+    ``/proc/self/clear_refs``; False where the system does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def timed_runs(fn: Callable[[], Any], repeats: int) -> Dict[str, Any]:
@@ -91,7 +113,7 @@ def tp_runner(tool: str) -> Callable[[Any, tuple], Dict[str, int]]:
     return run
 
 
-__all__ = ["interleaved", "load_average", "timed_runs", "tp_runner"]
+__all__ = ["interleaved", "load_average", "reset_peak_rss", "rss_kib", "timed_runs", "tp_runner"]
 
 
 def run_info(device, load_start, **extra) -> Dict[str, Any]:

@@ -1,46 +1,41 @@
-"""Analysis time and memory: fxprune.compile vs Torch-Pruning's dependency graph, same run.
+"""Analysis time and memory: fxprune.compile against Torch-Pruning's groups, same run.
 
-For each model it measures
+For each model and input size it measures, each (tool, model, size) in a fresh Python process
+so that no tool's caches or heap help or hurt another:
 
-* ``fxprune``: ``fxprune.compile(model, example_inputs)``, i.e. torch.fx tracing, shape
-  propagation, op semantics and channel dependencies (everything up to the groups);
-* ``tp``: ``torch_pruning.DependencyGraph().build_dependency(model, example_inputs)``;
-* ``tp+groups``: the same plus enumerating its pruning groups (``get_all_groups()``), the
-  step that yields what ``fxprune.compile`` yields (not part of the headline ratio);
-* ``fx-floor``: stock ``torch.fx.symbolic_trace(model)`` and
-  ``torch.fx.passes.shape_prop.ShapeProp(gm).propagate(*example_inputs)`` and nothing else:
-  the two passes fxprune's pipeline starts with (symbolic tracing and shape propagation), run
-  bare. No analysis built on a torch.fx graph with shapes can take less time than this floor.
+* ``fxprune``: ``fxprune.compile(model, example_inputs)``: tracing, shape propagation, op
+  semantics, channel dependencies and symbolic shapes, everything up to the groups; with the
+  time of each step (``Program.timings`` and ``Program.cpu_timings``);
+* ``tp+groups``: ``torch_pruning.DependencyGraph().build_dependency(model, example_inputs)``
+  plus ``list(dg.get_all_groups())``: the step that yields what ``fxprune.compile`` yields,
+  the denominator of the headline ratio;
+* ``tp``: ``build_dependency`` alone;
+* ``fx-trace``: fxprune's front end alone (``fxprune.passes.trace``: torch.fx symbolic tracing
+  into a GraphModule). No analysis of a symbolically traced graph takes less than this;
+* ``fx-floor``: stock ``torch.fx.symbolic_trace`` plus ``ShapeProp(gm).propagate`` on the real
+  inputs, the pipeline's first two steps as torch.fx gives them (shape propagation then runs
+  the model's forward pass, whose cost grows with the input).
 
-Each (model, tool) pair runs in a fresh Python process, so that one tool's caches and heap
-never help or hurt the other. In that process: a warm-up on a 2-block net (imports, first-call
-costs), then one measured run on the model for memory, then ``--repeats`` timed runs (median
-reported, as wall time and as process CPU time: on a shared machine the CPU time is the
-steadier of the two), then one run under ``tracemalloc``. torch runs on one intra-op thread
-(``BENCH_THREADS`` overrides): both analyses are single-threaded Python around one forward
-pass, and an oversubscribed thread pool only adds noise. Inputs are the zoo's small ones
-(64x64; ``--side 224`` for ImageNet size), so that the graph analysis, not the convolution
-arithmetic of the forward pass both tools run, is what is measured. Memory columns:
+In each process: a warm-up on a 2-block net (imports, first-call costs), one measured run on
+the model for memory, then ``--repeats`` timed runs (median wall time and median process CPU
+time; on a shared machine the CPU time is the steadier), then one run under ``tracemalloc``.
+torch runs on one intra-op thread (``BENCH_THREADS`` overrides). Memory columns: ``rss`` =
+peak resident set size of the first run minus the resident size before it (Linux ``VmHWM``
+after a reset through ``/proc/self/clear_refs``); ``py`` = ``tracemalloc`` peak (Python heap).
 
-* ``rss`` = peak resident set size during the first run on the model minus the resident size
-  just before it (Linux ``VmHWM`` after resetting it through ``/proc/self/clear_refs``). Counts
-  everything: Python objects, tensors, native allocations.
-* ``py`` = ``tracemalloc`` peak: Python-heap allocations only (tensor storage is not included).
-
-Depth sweep: the default list ends with the synthetic residual nets of 100, 300 and 1000 blocks
-(``--depths``). Over every ``resnet_synth_N`` measured, a second table gives each depth's node
-count of the torch.fx graph (plain symbolic tracing, the same graph size for every tool), the
-median times and the peak memory, and the log-log slope of each tool's time against that node
-count (least squares on the logs, ``numpy.polyfit``): 1 is linear growth, 2 quadratic.
+The zoo models run at each of ``--sides`` (default 64 and 224 pixels, batch 1; a ViT is built
+for its input size); the synthetic residual nets of ``--depths`` blocks run at 16 pixels, and
+the depth sweep gives each tool's log-log slope of time against the torch.fx node count (1 is
+linear growth). Each table is made by its own function from the same records, so a table of
+another kind of row (e.g. region compiles) can be added beside them.
 
 Usage::
 
-    python benchmarks/compile_time.py                 # all models, 5 repeats (3 for 1000 blocks)
-    python benchmarks/compile_time.py --models resnet50 resnet_synth_100 --repeats 3
+    python benchmarks/compile_time.py                  # everything, medians of 5
+    python benchmarks/compile_time.py --models resnet50 vit_b_16 --sides 224 --repeats 3
     python benchmarks/compile_time.py --models resnet_synth_10 resnet_synth_30 --repeats 1
 
-Prints Markdown tables and writes benchmarks/results/compile_time.json (the sweep under
-``summary.depth_sweep``).
+Prints Markdown tables and writes benchmarks/results/compile_time.json.
 """
 from __future__ import annotations
 
@@ -54,36 +49,27 @@ import sys
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Dict, List, Optional, Sequence
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _runner import run_worker  # noqa: E402
-from _timing import load_average, timed_runs, tp_runner  # noqa: E402
+from _timing import load_average, reset_peak_rss, rss_kib, timed_runs, tp_runner  # noqa: E402
 
-TOOLS = ("fxprune", "tp", "tp+groups", "fx-floor")
+TOOLS = ("fxprune", "tp+groups", "tp", "fx-trace", "fx-floor")
+ZOO = ("resnet50", "densenet121", "convnext_tiny", "efficientnet_b0", "regnet_y_400mf", "vit_b_16")
+SIDES = (64, 224)
 DEPTHS = (100, 300, 1000)  # residual blocks of the synthetic nets of the default depth sweep
 SYNTH = "resnet_synth_"
+SYNTH_SIDE = 16
+PASSES = ("trace", "shape_prop", "op_semantics", "channel_deps", "symbolic_shapes")
+TARGET_RATIO = 0.5  # fxprune / (TP build + groups) at the largest size
+TARGET_SIZE_GROWTH = 1.2  # fxprune at 224 px / at 64 px
+TARGET_DEPTH_GROWTH = 12.0  # fxprune on 1000 blocks / on 100 blocks
 
 
 # ------------------------------------------------------------------------- worker process
-
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _runner(tool: str):
@@ -93,9 +79,17 @@ def _runner(tool: str):
 
         def run(model, inputs):
             prog = fxprune.compile(model, inputs)
-            return {"groups": len(prog.groups), "nodes": len(prog.module.graph.nodes)}
+            return {"groups": len(prog.groups), "prunable": len(prog.prunable_groups),
+                    "nodes": len(prog.module.graph.nodes), "timings": prog.timings, "cpu_timings": prog.cpu_timings}
 
         return run
+    if tool == "fx-trace":
+        from fxprune.passes import trace
+
+        def front_end(model, inputs):
+            return {"nodes": len(trace(model).graph.nodes)}
+
+        return front_end
     if tool == "fx-floor":
         import torch
         import torch.fx
@@ -124,14 +118,22 @@ def worker(tool: str, label: str, side: int, repeats: int) -> dict:
 
     model, inputs = _models.build_for_benchmark(label, side)
     gc.collect()
-    rss_before = _status_kb("VmRSS")
-    can_reset = _reset_peak_rss()
+    rss_before = rss_kib("VmRSS")
+    can_reset = reset_peak_rss()
     t0 = time.perf_counter()
     info = run(model, inputs)
     first = time.perf_counter() - t0
-    rss_peak = (_status_kb("VmHWM") - rss_before) / 1024 if can_reset else None
+    rss_peak = (rss_kib("VmHWM") - rss_before) / 1024 if can_reset else None
 
-    timing = timed_runs(lambda: run(model, inputs), repeats)
+    per_pass: Dict[str, Dict[str, List[float]]] = {"wall": {}, "cpu": {}}
+
+    def timed():
+        out = run(model, inputs)
+        for clock, field in (("wall", "timings"), ("cpu", "cpu_timings")):
+            for name, seconds in out.get(field, {}).items():
+                per_pass[clock].setdefault(name, []).append(seconds)
+
+    timing = timed_runs(timed, repeats)
 
     gc.collect()
     tracemalloc.start()
@@ -139,22 +141,38 @@ def worker(tool: str, label: str, side: int, repeats: int) -> dict:
     _, py_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
 
-    return {
-        "tool": tool, "model": label, "input": list(inputs[0].shape),
-        "first_s": first, **timing,
-        "rss_peak_mib": rss_peak, "py_peak_mib": py_peak / 2**20, **info,
-    }
+    info.pop("timings", None)
+    info.pop("cpu_timings", None)
+    rec = {"tool": tool, "model": label, "side": side, "input": list(inputs[0].shape), "first_s": first, **timing,
+           "rss_peak_mib": rss_peak, "py_peak_mib": py_peak / 2**20, **info}
+    if per_pass["wall"]:
+        rec["passes_s"] = {name: statistics.median(v) for name, v in per_pass["wall"].items()}
+        rec["passes_cpu_s"] = {name: statistics.median(v) for name, v in per_pass["cpu"].items()}
+    return rec
 
 
 # ------------------------------------------------------------------------- driver
 
 
 def measure(tool: str, label: str, side: int, repeats: int, timeout: float) -> dict:
-    rec = run_worker(Path(__file__).resolve(), tool, [label, "--side", str(side), "--repeats", str(repeats)],
-                     timeout)
+    rec = run_worker(Path(__file__).resolve(), tool,
+                     [label, "--side", str(side), "--repeats", str(repeats)], timeout)
     if "error" in rec:
-        return {"tool": tool, "model": label, "error": rec["error"]}
+        return {"tool": tool, "model": label, "side": side, "error": rec["error"]}
     return rec
+
+
+def cases(models: Sequence[str], sides: Sequence[int]) -> List[tuple]:
+    """(model, side) pairs: each zoo model at every side, each synthetic net at its one size."""
+    out = []
+    for m in models:
+        for side in ((SYNTH_SIDE,) if m.startswith(SYNTH) else sides):
+            out.append((m, side))
+    return out
+
+
+def key(model: str, side: int) -> str:
+    return f"{model}@{side}"
 
 
 def _fmt(x, spec=".3f"):
@@ -165,82 +183,122 @@ def _div(a, b):
     return a / b if a and b else None
 
 
-def table(rows: dict, models) -> str:
-    head = ("| model | input | fx nodes | groups | fxprune s | TP build s | fxprune/TP | "
-            "fxprune CPU s | TP CPU s | fxprune/TP (CPU) | fx floor CPU s | floor/TP (CPU) | TP build+groups s | "
-            "fxprune RSS MiB | TP RSS MiB | fxprune py MiB | TP py MiB |")
+def _errors(row: dict) -> str:
+    return "; ".join(f"{t}: {r['error']}" for t, r in row.items() if "error" in r)
+
+
+def compile_table(rows: dict, pairs) -> str:
+    """Times and memory of every (model, size): fxprune against Torch-Pruning's build plus groups."""
+    head = ("| model | input | fx nodes | groups (prunable) | fxprune s | TP build+groups s | fxprune / TP | "
+            "fxprune CPU s | TP CPU s | fxprune / TP (CPU) | TP build s | trace alone s | trace / TP | "
+            "trace + ShapeProp s | fxprune RSS MiB | TP RSS MiB |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
-    for m in models:
-        fx, tp_, tpg = rows[m].get("fxprune", {}), rows[m].get("tp", {}), rows[m].get("tp+groups", {})
-        floor = rows[m].get("fx-floor", {})
-        shape = fx.get("input") or tp_.get("input") or []
-        errs = "; ".join(f"{t}: {r['error']}" for t, r in rows[m].items() if "error" in r)
+    for m, side in pairs:
+        row = rows[key(m, side)]
+        fx, tpg, tp_ = row.get("fxprune", {}), row.get("tp+groups", {}), row.get("tp", {})
+        tr, floor = row.get("fx-trace", {}), row.get("fx-floor", {})
+        groups = f"{fx.get('groups', 'n/a')} ({fx.get('prunable', 'n/a')})"
+        errs = _errors(row)
         out.append(
-            f"| {m} | {'x'.join(map(str, shape))} | {fx.get('nodes', 'n/a')} | {fx.get('groups', 'n/a')} | "
-            f"{_fmt(fx.get('median_s'))} | {_fmt(tp_.get('median_s'))} | "
-            f"{_fmt(_div(fx.get('median_s'), tp_.get('median_s')), '.2f')} | "
-            f"{_fmt(fx.get('median_cpu_s'))} | {_fmt(tp_.get('median_cpu_s'))} | "
-            f"{_fmt(_div(fx.get('median_cpu_s'), tp_.get('median_cpu_s')), '.2f')} | "
-            f"{_fmt(floor.get('median_cpu_s'))} | "
-            f"{_fmt(_div(floor.get('median_cpu_s'), tp_.get('median_cpu_s')), '.2f')} | "
-            f"{_fmt(tpg.get('median_s'))} | {_fmt(fx.get('rss_peak_mib'), '.1f')} | "
-            f"{_fmt(tp_.get('rss_peak_mib'), '.1f')} | {_fmt(fx.get('py_peak_mib'), '.1f')} | "
-            f"{_fmt(tp_.get('py_peak_mib'), '.1f')} |" + (f" {errs}" if errs else "")
-        )
+            f"| {m} | {side}x{side} | {fx.get('nodes', 'n/a')} | {groups} | {_fmt(fx.get('median_s'))} | "
+            f"{_fmt(tpg.get('median_s'))} | {_fmt(_div(fx.get('median_s'), tpg.get('median_s')), '.2f')} | "
+            f"{_fmt(fx.get('median_cpu_s'))} | {_fmt(tpg.get('median_cpu_s'))} | "
+            f"{_fmt(_div(fx.get('median_cpu_s'), tpg.get('median_cpu_s')), '.2f')} | {_fmt(tp_.get('median_s'))} | "
+            f"{_fmt(tr.get('median_s'))} | {_fmt(_div(tr.get('median_s'), tpg.get('median_s')), '.2f')} | "
+            f"{_fmt(floor.get('median_s'))} | {_fmt(fx.get('rss_peak_mib'), '.1f')} | "
+            f"{_fmt(tpg.get('rss_peak_mib'), '.1f')} |" + (f" {errs}" if errs else ""))
     return "\n".join(out)
 
 
-def summarize(rows: dict, models) -> dict:
+def passes_table(rows: dict, pairs, field: str = "passes_cpu_s") -> str:
+    """fxprune's median time per step (``Program.cpu_timings``, or ``field="passes_s"``:
+    ``Program.timings``, wall clock) for every (model, size)."""
+    head = "| model | input | " + " | ".join(f"{p} ms" for p in PASSES) + " | sum ms |"
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for m, side in pairs:
+        steps = rows[key(m, side)].get("fxprune", {}).get(field)
+        if not steps:
+            continue
+        cells = [_fmt(steps.get(p, 0.0) * 1e3, ".1f") for p in PASSES]
+        out.append(f"| {m} | {side}x{side} | " + " | ".join(cells) + f" | {sum(steps.values()) * 1e3:.1f} |")
+    return "\n".join(out)
+
+
+def size_table(rows: dict, models, sides) -> str:
+    """How each tool's time grows from the smallest to the largest input size."""
+    lo, hi = min(sides), max(sides)
+    head = (f"| model | fxprune {lo} px s | fxprune {hi} px s | fxprune {hi}/{lo} | TP build+groups {lo} px s | "
+            f"TP build+groups {hi} px s | TP {hi}/{lo} |")
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for m in models:
+        if m.startswith(SYNTH) or lo == hi:
+            continue
+        a, b = rows.get(key(m, lo), {}), rows.get(key(m, hi), {})
+        fa, fb = a.get("fxprune", {}).get("median_s"), b.get("fxprune", {}).get("median_s")
+        ta, tb = a.get("tp+groups", {}).get("median_s"), b.get("tp+groups", {}).get("median_s")
+        out.append(f"| {m} | {_fmt(fa)} | {_fmt(fb)} | {_fmt(_div(fb, fa), '.2f')} | {_fmt(ta)} | {_fmt(tb)} | "
+                   f"{_fmt(_div(tb, ta), '.2f')} |")
+    return "\n".join(out)
+
+
+def summarize(rows: dict, models, sides) -> dict:
     summary: dict = {}
-    for key, label in (("median_s", "wall"), ("median_cpu_s", "cpu")):
-        fx = {m: rows[m].get("fxprune", {}).get(key) for m in models}
-        tp_ = {m: rows[m].get("tp", {}).get(key) for m in models}
-        growth = _div(fx.get("resnet_synth_1000"), fx.get("resnet_synth_100"))
-        if growth:
-            summary[f"fxprune_1000_over_100_{label}"] = growth
-        growth_tp = _div(tp_.get("resnet_synth_1000"), tp_.get("resnet_synth_100"))
-        if growth_tp:
-            summary[f"tp_1000_over_100_{label}"] = growth_tp
-        ratios = {m: fx[m] / tp_[m] for m in models if fx.get(m) and tp_.get(m)}
-        summary[f"fxprune_over_tp_{label}"] = ratios
-        if ratios:
-            summary[f"fxprune_over_tp_{label}_max"] = max(ratios.values())
-            summary[f"fxprune_over_tp_{label}_geomean"] = statistics.geometric_mean(ratios.values())
-        floor = {m: rows[m].get("fx-floor", {}).get(key) for m in models}
-        floors = {m: floor[m] / tp_[m] for m in models if floor.get(m) and tp_.get(m)}
-        if floors:
-            summary[f"floor_over_tp_{label}"] = floors
-            summary[f"floor_over_tp_{label}_min"] = min(floors.values())
+    zoo = [m for m in models if not m.startswith(SYNTH)]
+    def ratios(metric, top, bottom):
+        """model -> ``top`` / ``bottom``, each a (tool, side), over the zoo models that have both."""
+        out = {m: _div(rows[key(m, top[1])].get(top[0], {}).get(metric),
+                       rows[key(m, bottom[1])].get(bottom[0], {}).get(metric)) for m in zoo}
+        return {m: r for m, r in out.items() if r}
+
+    for metric, label in (("median_s", "wall"), ("median_cpu_s", "cpu")):
+        for side in sides:
+            fx = ratios(metric, ("fxprune", side), ("tp+groups", side))
+            if fx:
+                summary[f"fxprune_over_tp_groups_{label}_{side}"] = fx
+                summary[f"fxprune_over_tp_groups_{label}_{side}_max"] = max(fx.values())
+            trace = ratios(metric, ("fx-trace", side), ("tp+groups", side))
+            if trace:
+                summary[f"trace_over_tp_groups_{label}_{side}"] = trace
+        if len(sides) > 1:
+            lo, hi = min(sides), max(sides)
+            growth = ratios(metric, ("fxprune", hi), ("fxprune", lo))
+            if growth:
+                summary[f"fxprune_{hi}_over_{lo}_{label}"] = growth
+                summary[f"fxprune_{hi}_over_{lo}_{label}_max"] = max(growth.values())
+        deep, shallow = key(f"{SYNTH}1000", SYNTH_SIDE), key(f"{SYNTH}100", SYNTH_SIDE)
+        if deep in rows and shallow in rows:
+            for tool in ("fxprune", "tp+groups"):
+                g = _div(rows[deep].get(tool, {}).get(metric), rows[shallow].get(tool, {}).get(metric))
+                if g:
+                    summary[f"{tool}_1000_over_100_{label}"] = g
     return summary
 
 
-def summary_lines(summary: dict) -> list:
+def summary_lines(summary: dict, sides) -> List[str]:
     lines = []
+    hi, lo = max(sides), min(sides)
     for label in ("wall", "cpu"):
+        for side in sorted(sides, reverse=True):
+            mx = summary.get(f"fxprune_over_tp_groups_{label}_{side}_max")
+            if mx:
+                ratios = summary[f"fxprune_over_tp_groups_{label}_{side}"]
+                met = [m for m, r in ratios.items() if r <= TARGET_RATIO]
+                lines.append(f"fxprune / Torch-Pruning build+groups at {side} px ({label} time): max {mx:.2f}; "
+                             f"<= {TARGET_RATIO} on {len(met)} of {len(ratios)} models"
+                             + (f" (target applies at {hi} px)" if side != hi else ""))
+            trace = summary.get(f"trace_over_tp_groups_{label}_{side}")
+            if trace:
+                lines.append(f"  tracing alone / Torch-Pruning build+groups at {side} px ({label}): "
+                             + ", ".join(f"{m} {r:.2f}" for m, r in trace.items()))
+        g = summary.get(f"fxprune_{hi}_over_{lo}_{label}_max")
+        if g:
+            lines.append(f"fxprune {hi} px / {lo} px ({label} time): max {g:.2f} (target <= {TARGET_SIZE_GROWTH})")
         g = summary.get(f"fxprune_1000_over_100_{label}")
         if g:
-            lines.append(f"fxprune {label} time, 1000 blocks / 100 blocks: {g:.2f}x "
-                         f"(target <= 12x; linear growth = 10x)")
-        g = summary.get(f"tp_1000_over_100_{label}")
-        if g:
-            lines.append(f"Torch-Pruning {label} time, 1000 blocks / 100 blocks: {g:.2f}x")
-        mx = summary.get(f"fxprune_over_tp_{label}_max")
-        if mx:
-            lines.append(f"fxprune / Torch-Pruning build_dependency ({label} time): max {mx:.2f}, "
-                         f"geometric mean {summary[f'fxprune_over_tp_{label}_geomean']:.2f} (target <= 0.5)")
-        fl = summary.get(f"floor_over_tp_{label}_min")
-        if fl:
-            lines.append(f"torch.fx symbolic_trace + ShapeProp alone / Torch-Pruning build_dependency "
-                         f"({label} time): min {fl:.2f} over the models")
+            tp_g = summary.get(f"tp+groups_1000_over_100_{label}")
+            lines.append(f"fxprune 1000 blocks / 100 blocks ({label} time): {g:.2f}x (target <= {TARGET_DEPTH_GROWTH:g}x; "
+                         f"linear growth = 10x)" + (f"; Torch-Pruning build+groups {tp_g:.2f}x" if tp_g else ""))
     return lines
-
-
-def default_models(depths) -> list:
-    """The zoo models of ``_models.COMPILE_TIME_MODELS`` and one synthetic net per depth."""
-    import _models
-
-    zoo = [m for m in _models.COMPILE_TIME_MODELS if not m.startswith(SYNTH)]
-    return zoo + [f"{SYNTH}{d}" for d in depths]
 
 
 def fx_graph_nodes(label: str) -> int:
@@ -253,7 +311,7 @@ def fx_graph_nodes(label: str) -> int:
     return len(torch.fx.symbolic_trace(model).graph.nodes)
 
 
-def loglog_slope(x, y):
+def loglog_slope(x, y) -> Optional[float]:
     """Least-squares slope of ``log y`` against ``log x`` (``numpy.polyfit``, degree 1) over the
     points where both are positive; None with fewer than two such points. 1 = linear growth."""
     import numpy as np
@@ -266,9 +324,9 @@ def loglog_slope(x, y):
 
 
 def depth_sweep(rows: dict, models) -> dict:
-    """Per synthetic net of ``models`` (by depth): graph nodes, median wall and CPU time and
-    peak memory of each tool; and per tool the log-log slope of its wall and CPU time against
-    the node count. Empty when fewer than two synthetic nets were measured."""
+    """Per synthetic net (by depth): graph nodes, median wall and CPU time and peak memory of
+    each tool; per tool the log-log slope of its time against the node count. Empty when fewer
+    than two synthetic nets were measured."""
     labels = sorted((m for m in models if m.startswith(SYNTH)), key=lambda m: int(m[len(SYNTH):]))
     if len(labels) < 2:
         return {}
@@ -276,56 +334,55 @@ def depth_sweep(rows: dict, models) -> dict:
     points = []
     for m in labels:
         point = {"model": m, "blocks": int(m[len(SYNTH):]), "fx_nodes": fx_graph_nodes(m)}
-        for tool, r in rows[m].items():
+        for tool, r in rows[key(m, SYNTH_SIDE)].items():
             point[tool] = {k: r.get(k) for k in keys}
         points.append(point)
     nodes = [p["fx_nodes"] for p in points]
     slopes = {}
-    for tool in sorted({t for p in points for t in p if t in TOOLS}, key=TOOLS.index):
-        for key, label in (("median_s", "wall"), ("median_cpu_s", "cpu")):
-            slopes[f"{tool}_{label}"] = loglog_slope(nodes, [p.get(tool, {}).get(key) for p in points])
+    for tool in TOOLS:
+        for k, label in (("median_s", "wall"), ("median_cpu_s", "cpu")):
+            slope = loglog_slope(nodes, [p.get(tool, {}).get(k) for p in points])
+            if slope is not None:
+                slopes[f"{tool}_{label}"] = slope
     return {"points": points, "slopes": slopes}
 
 
 def sweep_table(sweep: dict) -> str:
-    head = ("| blocks | fx nodes | fxprune s | fxprune CPU s | TP build s | TP CPU s | TP build+groups s | "
-            "fxprune RSS MiB | TP RSS MiB | fxprune py MiB | TP py MiB |")
+    head = ("| blocks | fx nodes | fxprune s | TP build+groups s | TP build s | trace alone s | "
+            "fxprune RSS MiB | TP build+groups RSS MiB |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for p in sweep["points"]:
-        fx, tp_, tpg = p.get("fxprune", {}), p.get("tp", {}), p.get("tp+groups", {})
-        out.append(f"| {p['blocks']} | {p['fx_nodes']} | {_fmt(fx.get('median_s'))} | {_fmt(fx.get('median_cpu_s'))} | "
-                   f"{_fmt(tp_.get('median_s'))} | {_fmt(tp_.get('median_cpu_s'))} | {_fmt(tpg.get('median_s'))} | "
-                   f"{_fmt(fx.get('rss_peak_mib'), '.1f')} | {_fmt(tp_.get('rss_peak_mib'), '.1f')} | "
-                   f"{_fmt(fx.get('py_peak_mib'), '.1f')} | {_fmt(tp_.get('py_peak_mib'), '.1f')} |")
-    names = {"fxprune": "fxprune", "tp": "Torch-Pruning build", "tp+groups": "Torch-Pruning build+groups",
-             "fx-floor": "torch.fx trace + ShapeProp"}
+        fx, tpg, tp_, tr = (p.get(t, {}) for t in ("fxprune", "tp+groups", "tp", "fx-trace"))
+        out.append(f"| {p['blocks']} | {p['fx_nodes']} | {_fmt(fx.get('median_s'))} | {_fmt(tpg.get('median_s'))} | "
+                   f"{_fmt(tp_.get('median_s'))} | {_fmt(tr.get('median_s'))} | {_fmt(fx.get('rss_peak_mib'), '.1f')} | "
+                   f"{_fmt(tpg.get('rss_peak_mib'), '.1f')} |")
+    names = {"fxprune": "fxprune", "tp+groups": "Torch-Pruning build+groups", "tp": "Torch-Pruning build",
+             "fx-trace": "tracing alone", "fx-floor": "torch.fx trace + ShapeProp"}
     parts = []
     for tool, name in names.items():
         wall, cpu = sweep["slopes"].get(f"{tool}_wall"), sweep["slopes"].get(f"{tool}_cpu")
         if wall is not None or cpu is not None:
             parts.append(f"{name} {_fmt(wall, '.2f')} (CPU {_fmt(cpu, '.2f')})")
     if parts:
-        out.append("")
-        out.append("log-log slope of time against fx graph nodes (numpy.polyfit on logs; 1 = linear): "
-                   + "; ".join(parts))
+        out += ["", "log-log slope of time against fx graph nodes (numpy.polyfit on logs; 1 = linear): "
+                + "; ".join(parts)]
     return "\n".join(out)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="*", default=None,
-                    help="models to measure (zoo names or resnet_synth_N); default: the zoo models of "
-                         "_models.COMPILE_TIME_MODELS and resnet_synth_N for N in --depths")
+                    help="zoo names or resnet_synth_N; default: the six zoo models and resnet_synth_N for "
+                         "N in --depths")
+    ap.add_argument("--sides", nargs="*", type=int, default=list(SIDES), help="input sizes of the zoo models")
     ap.add_argument("--depths", nargs="*", type=int, default=list(DEPTHS),
                     help="residual blocks of the synthetic nets of the default model list")
     ap.add_argument("--tools", nargs="*", default=list(TOOLS), choices=TOOLS)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--side", type=int, default=0,
-                    help="input side for torchvision models; 0 = the zoo's small default "
-                         "(64 for these four); synthetic nets always take 16")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--out", default=str(HERE / "results" / "compile_time.json"))
     ap.add_argument("--worker", nargs=2, metavar=("TOOL", "MODEL"), help=argparse.SUPPRESS)
+    ap.add_argument("--side", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.worker:
@@ -334,28 +391,35 @@ def main(argv=None) -> int:
 
     import torch
 
-    models = args.models or default_models(args.depths)
+    models = args.models or list(ZOO) + [f"{SYNTH}{d}" for d in args.depths]
+    pairs = cases(models, args.sides)
     load_start = load_average()
-    rows: dict = {m: {} for m in models}
-    for m in models:
+    rows: dict = {key(m, side): {} for m, side in pairs}
+    for m, side in pairs:
         deep = m.startswith(SYNTH) and int(m[len(SYNTH):]) >= 1000
         repeats = min(args.repeats, 3) if deep else args.repeats
         for tool in args.tools:
-            r = measure(tool, m, args.side, repeats, args.timeout)
-            rows[m][tool] = r
-            msg = r.get("error") or f"median {r['median_s']:.3f}s"
-            print(f"[{m} / {tool}] {msg}", file=sys.stderr, flush=True)
+            r = measure(tool, m, side, repeats, args.timeout)
+            rows[key(m, side)][tool] = r
+            msg = r.get("error") or f"median {r['median_s']:.3f}s (CPU {r['median_cpu_s']:.3f}s)"
+            print(f"[{m} @ {side} / {tool}] {msg}", file=sys.stderr, flush=True)
 
-    md = table(rows, models)
-    print(md)
-    summary = summarize(rows, models)
+    zoo_pairs = [p for p in pairs if not p[0].startswith(SYNTH)]
+    summary = summarize(rows, models, args.sides)
+    print(compile_table(rows, pairs))
+    print()
+    print("fxprune.compile by step, median process CPU ms (`Program.cpu_timings`):\n")
+    print(passes_table(rows, pairs))
+    if len(args.sides) > 1 and zoo_pairs:
+        print()
+        print(size_table(rows, models, args.sides))
     sweep = depth_sweep(rows, models)
     if sweep:
         summary["depth_sweep"] = sweep
         print()
         print(sweep_table(sweep))
     print()
-    print("\n".join(summary_lines(summary)))
+    print("\n".join(summary_lines(summary, args.sides)))
 
     try:
         import torch_pruning
@@ -367,7 +431,7 @@ def main(argv=None) -> int:
         "torch_pruning": tp_version, "cpu": platform.processor() or platform.machine(),
         "threads": int(os.environ.get("BENCH_THREADS", "1")),
         "loadavg_start": load_start, "loadavg_end": load_average(), "cores": os.cpu_count(),
-        "side": args.side, "repeats": args.repeats,
+        "sides": args.sides, "repeats": args.repeats,
         "memory": {"rss_peak_mib": "peak RSS (VmHWM) during the first run minus RSS before it",
                    "py_peak_mib": "tracemalloc peak, Python heap only"},
     }

@@ -1,29 +1,38 @@
-"""Analysis time on a 32-layer Llama: fxprune.compile vs Torch-Pruning's dependency graph.
+"""Analysis time of Llama-shaped models: fxprune.compile against Torch-Pruning, and an 8B one.
 
-The model is HuggingFace's ``LlamaModel`` built from a config (random weights, nothing
-downloaded): 32 decoder layers, hidden 512, 8 query heads and 2 key/value heads (grouped-query
-attention), intermediate 1376, vocabulary 1000, ``use_cache=False``; the input is one sequence
-of 32 token ids. For each tool, in a fresh Python process (so that neither tool's caches or
-heap help or hurt the other):
+Two configurations of HuggingFace's ``LlamaModel`` (built from a config, nothing downloaded;
+``use_cache=False``; the input is one sequence of 32 token ids):
+
+* ``small``: 32 decoder layers, hidden 512, 8 query / 2 key-value heads, intermediate 1376,
+  vocabulary 1000, random weights on the CPU;
+* ``8b``: the shape of Llama 3 8B: 32 layers, hidden 4096, 32 query / 8 key-value heads,
+  intermediate 14336, vocabulary 128256, built on the meta device (no weights in memory: 8.0
+  billion parameters would take 32 GB), with meta token ids. Torch-Pruning does not run on it:
+  it traces an eager forward pass, which transformers' mask code cannot run on meta tensors
+  (it reads a value with ``.item()``).
+
+For each tool and configuration, in a fresh Python process (so that no tool's caches or heap
+help or hurt another):
 
 * ``fxprune``: ``fxprune.compile(model, (input_ids,))`` with the default ``frontend="auto"``:
-  symbolic tracing is tried first; transformers 5 has no fx tracer, so it fails and
-  ``torch.export`` builds the graph (the failed attempt is part of the time, as a user pays it);
-* ``fxprune-export``: the same with ``frontend="export"`` (no tracing attempt), and once more
-  step by step: the CPU time of ``torch.export`` and of each pass of the default pipeline;
+  symbolic tracing is tried first; transformers 5 has no fx tracer, so ``torch.export`` builds
+  the graph (the failed attempt is part of the time, as a user pays it). The time of each step
+  comes from ``Program.timings`` (``trace`` is the front end, here ``torch.export``);
 * ``tp``: ``torch_pruning.DependencyGraph().build_dependency(model, example_inputs=...)``;
 * ``tp+groups``: the same plus enumerating its pruning groups (``get_all_groups()``).
 
 In each process: one warm-up run on a 2-layer model of the same width (imports, first-call
-costs), one first run on the 32-layer model, then ``--repeats`` timed runs (median wall time
-and median process CPU time; on a shared machine the CPU time is the steadier). torch runs on
-one intra-op thread (``BENCH_THREADS`` overrides). A tool that fails records its error.
+costs), one first run on the model with its peak memory (the process's peak resident set
+size, Linux ``VmHWM``, reset just before the run, and its growth over the resident size before
+it), then ``--repeats`` timed runs (median wall time and median process CPU time; on a shared
+machine the CPU time is the steadier). torch runs on one intra-op thread (``BENCH_THREADS``
+overrides). A tool that fails records its error.
 
 Usage::
 
-    python benchmarks/llama_compile_time.py [--repeats 3] [--layers 32]
+    python benchmarks/llama_compile_time.py [--repeats 3] [--configs small 8b] [--layers 32]
 
-Prints a Markdown table and writes benchmarks/results/llama_compile_time.json.
+Prints a Markdown table per configuration and writes benchmarks/results/llama_compile_time.json.
 """
 from __future__ import annotations
 
@@ -32,94 +41,111 @@ import gc
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Dict, List
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _runner import run_worker  # noqa: E402
-from _timing import load_average, timed_runs, tp_runner  # noqa: E402
+from _timing import load_average, reset_peak_rss, rss_kib, timed_runs, tp_runner  # noqa: E402
 
-TOOLS = ("fxprune", "fxprune-export", "tp", "tp+groups")
-
-CONFIG = dict(hidden_size=512, intermediate_size=1376, num_attention_heads=8, num_key_value_heads=2,
-              vocab_size=1000, max_position_embeddings=256, use_cache=False)
+TOOLS = ("fxprune", "tp", "tp+groups")
+CONFIGS = {
+    "small": dict(hidden_size=512, intermediate_size=1376, num_attention_heads=8, num_key_value_heads=2,
+                  vocab_size=1000, max_position_embeddings=256, use_cache=False),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+               vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, use_cache=False),
+}
+META = {"small": False, "8b": True}  # built on the meta device
+# Torch-Pruning traces an eager forward pass with autograd, which LlamaModel cannot run on the
+# meta device (transformers' mask code reads a value with .item()): fxprune alone runs on "8b"
+TOOLS_OF = {"small": TOOLS, "8b": ("fxprune",)}
 SEQ = 32
+PASSES = ("trace", "shape_prop", "op_semantics", "channel_deps", "symbolic_shapes")
+TARGET_8B_S = 10.0
+TARGET_8B_MIB = 2048.0
 
 
-def build(layers: int):
+def build(config: str, layers: int):
     import torch
     from transformers import LlamaConfig, LlamaModel
 
+    cfg = LlamaConfig(num_hidden_layers=layers, **CONFIGS[config])
+    if META[config]:
+        with torch.device("meta"):
+            model = LlamaModel(cfg).eval()
+        return model, (torch.zeros(1, SEQ, dtype=torch.long, device="meta"),)
     torch.manual_seed(0)
-    model = LlamaModel(LlamaConfig(num_hidden_layers=layers, **CONFIG)).eval()
-    ids = torch.randint(0, CONFIG["vocab_size"], (1, SEQ), generator=torch.Generator().manual_seed(0))
+    model = LlamaModel(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, SEQ), generator=torch.Generator().manual_seed(0))
     return model, (ids,)
 
 
 def _runner(tool: str):
-    if tool.startswith("fxprune"):
+    if tool == "fxprune":
+        import torch
         import fxprune
 
-        frontend = "export" if tool == "fxprune-export" else "auto"
-
         def run(model, inputs):
-            prog = fxprune.compile(model, inputs, frontend=frontend)
-            exported = any(isinstance(n.target, __import__("torch")._ops.OpOverload) for n in prog.module.graph.nodes)
+            prog = fxprune.compile(model, inputs)
+            exported = any(isinstance(n.target, torch._ops.OpOverload) for n in prog.module.graph.nodes)
             return {"groups": len(prog.groups), "prunable": len(prog.prunable_groups),
-                    "nodes": len(prog.module.graph.nodes), "frontend": "export" if exported else "fx"}
+                    "nodes": len(prog.module.graph.nodes), "frontend": "export" if exported else "fx",
+                    "timings": prog.timings, "cpu_timings": prog.cpu_timings}
 
         return run
     return tp_runner(tool)
 
 
-def stages(model, inputs) -> dict:
-    """Process CPU time of each step of ``fxprune.compile(..., frontend="export")``: the
-    ``torch.export`` front end, then each pass of the default pipeline."""
-    from fxprune.passes import Pipeline, export
-
-    gc.collect()
-    c0 = time.process_time()
-    gm = export(model, inputs)
-    out = {"export": time.process_time() - c0}
-    c0 = time.process_time()
-    for name, gm in Pipeline.default(inputs).steps(gm):
-        out[name] = time.process_time() - c0
-        c0 = time.process_time()
-    return out
-
-
-def worker(tool: str, layers: int, repeats: int) -> dict:
+def worker(tool: str, config: str, layers: int, repeats: int) -> dict:
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
-    rec = {"tool": tool, "layers": layers}
+    rec = {"tool": tool, "config": config, "layers": layers}
     try:
         run = _runner(tool)
-        warm, warm_inputs = build(2)
+        warm, warm_inputs = build(config, 2)
         run(warm, warm_inputs)
-        del warm
-        model, inputs = build(layers)
+        del warm, warm_inputs
+        model, inputs = build(config, layers)
         rec["params"] = sum(p.numel() for p in model.parameters())
         gc.collect()
+        rss_before = rss_kib("VmRSS")
+        can_reset = reset_peak_rss()
         t0 = time.perf_counter()
-        rec.update(run(model, inputs))
+        info = run(model, inputs)
         rec["first_s"] = time.perf_counter() - t0
-        rec.update(timed_runs(lambda: run(model, inputs), repeats))
-        if tool == "fxprune-export":
-            rec["stages_cpu_s"] = stages(model, inputs)
-    except Exception as exc:
+        if can_reset:
+            rec["peak_rss_mib"] = rss_kib("VmHWM") / 1024
+            rec["rss_growth_mib"] = rec["peak_rss_mib"] - rss_before / 1024
+        per_pass: Dict[str, Dict[str, List[float]]] = {"wall": {}, "cpu": {}}
+
+        def collect(out: dict) -> None:
+            for clock, field in (("wall", "timings"), ("cpu", "cpu_timings")):
+                for name, seconds in out.pop(field, {}).items():
+                    per_pass[clock].setdefault(name, []).append(seconds)
+
+        collect(info)
+        rec.update(info)
+        rec.update(timed_runs(lambda: collect(run(model, inputs)), repeats))
+        if per_pass["wall"]:
+            rec["passes_s"] = {name: statistics.median(v) for name, v in per_pass["wall"].items()}
+            rec["passes_cpu_s"] = {name: statistics.median(v) for name, v in per_pass["cpu"].items()}
+    except Exception as exc:  # noqa: BLE001 - recorded in the table
         msg = " ".join(str(exc).split())
         rec["error"] = f"{type(exc).__name__}: {msg[:600]}"
     return rec
 
 
-def measure(tool: str, layers: int, repeats: int, timeout: float) -> dict:
-    rec = run_worker(Path(__file__).resolve(), tool, ["--layers", str(layers), "--repeats", str(repeats)], timeout)
+def measure(tool: str, config: str, layers: int, repeats: int, timeout: float) -> dict:
+    rec = run_worker(Path(__file__).resolve(), tool,
+                     ["--configs", config, "--layers", str(layers), "--repeats", str(repeats)], timeout)
     if "error" in rec:
-        return {"tool": tool, "layers": layers, "error": rec["error"]}
+        return {"tool": tool, "config": config, "layers": layers, "error": rec["error"]}
     return rec
 
 
@@ -127,10 +153,16 @@ def _f(x, spec=".2f"):
     return "n/a" if x is None else format(x, spec)
 
 
-def table(rows: dict) -> str:
-    head = "| tool | frontend | graph nodes | groups (prunable) | first run s | median s | median CPU s | vs TP (wall) | vs TP (CPU) | error |"
+def _div(a, b):
+    return a / b if a and b else None
+
+
+def tools_table(rows: dict) -> str:
+    """One configuration: every tool's time and memory, and fxprune's against Torch-Pruning's."""
+    head = ("| tool | frontend | graph nodes | groups (prunable) | first run s | median s | median CPU s | "
+            "vs TP build+groups (wall) | vs TP build+groups (CPU) | peak RSS MiB | RSS growth MiB | error |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
-    tp_ = rows.get("tp", {})
+    tpg = rows.get("tp+groups", {})
     for tool in TOOLS:
         r = rows.get(tool)
         if r is None:
@@ -138,16 +170,67 @@ def table(rows: dict) -> str:
         groups = r.get("groups", "")
         if "prunable" in r:
             groups = f"{groups} ({r['prunable']})"
-        ratio = (r["median_s"] / tp_["median_s"]) if r.get("median_s") and tp_.get("median_s") else None
-        ratio_cpu = (r["median_cpu_s"] / tp_["median_cpu_s"]) if r.get("median_cpu_s") and tp_.get("median_cpu_s") else None
         out.append(f"| {tool} | {r.get('frontend', '')} | {r.get('nodes', '')} | {groups} | {_f(r.get('first_s'))} | "
-                   f"{_f(r.get('median_s'))} | {_f(r.get('median_cpu_s'))} | {_f(ratio)} | {_f(ratio_cpu)} | "
-                   f"{r.get('error', '')} |")
+                   f"{_f(r.get('median_s'))} | {_f(r.get('median_cpu_s'))} | "
+                   f"{_f(_div(r.get('median_s'), tpg.get('median_s')))} | "
+                   f"{_f(_div(r.get('median_cpu_s'), tpg.get('median_cpu_s')))} | {_f(r.get('peak_rss_mib'), '.0f')} | "
+                   f"{_f(r.get('rss_growth_mib'), '.0f')} | {r.get('error', '')} |")
     return "\n".join(out)
+
+
+def passes_table(results: dict) -> str:
+    """fxprune's median time per step in each configuration, wall clock and process CPU."""
+    head = "| configuration | clock | " + " | ".join(f"{p} s" for p in PASSES) + " | sum s |"
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for config, rows in results.items():
+        for clock, field in (("wall", "passes_s"), ("CPU", "passes_cpu_s")):
+            steps = rows.get("fxprune", {}).get(field)
+            if steps:
+                out.append(f"| {config} | {clock} | " + " | ".join(_f(steps.get(p, 0.0), ".3f") for p in PASSES)
+                           + f" | {sum(steps.values()):.3f} |")
+    return "\n".join(out)
+
+
+def describe(config: str, layers: int) -> str:
+    c = CONFIGS[config]
+    where = "meta device, meta token ids" if META[config] else "random weights on the CPU"
+    return (f"`{config}`: LlamaModel, {layers} layers, hidden {c['hidden_size']}, {c['num_attention_heads']} q / "
+            f"{c['num_key_value_heads']} kv heads, intermediate {c['intermediate_size']}, vocab {c['vocab_size']}, "
+            f"1x{SEQ} token ids, {where}")
+
+
+def summarize(results: dict) -> dict:
+    summary = {}
+    for config, rows in results.items():
+        fx, tpg = rows.get("fxprune", {}), rows.get("tp+groups", {})
+        if fx.get("median_s") and tpg.get("median_s"):
+            summary[f"{config}_fxprune_over_tp_groups_wall"] = fx["median_s"] / tpg["median_s"]
+            summary[f"{config}_fxprune_over_tp_groups_cpu"] = fx["median_cpu_s"] / tpg["median_cpu_s"]
+    fx8 = results.get("8b", {}).get("fxprune", {})
+    if fx8.get("first_s"):
+        summary["8b_first_s"] = fx8["first_s"]
+        summary["8b_median_s"] = fx8.get("median_s")
+        summary["8b_peak_rss_mib"] = fx8.get("peak_rss_mib")
+    return summary
+
+
+def summary_lines(summary: dict) -> List[str]:
+    lines = []
+    for config in CONFIGS:
+        r = summary.get(f"{config}_fxprune_over_tp_groups_wall")
+        if r:
+            lines.append(f"{config}: fxprune.compile / Torch-Pruning build+groups: {r:.2f}x wall, "
+                         f"{summary[f'{config}_fxprune_over_tp_groups_cpu']:.2f}x CPU")
+    if "8b_first_s" in summary:
+        lines.append(f"8b: fxprune.compile {summary['8b_first_s']:.2f} s first run, "
+                     f"{_f(summary['8b_median_s'])} s median (target <= {TARGET_8B_S:g} s); peak RSS "
+                     f"{_f(summary['8b_peak_rss_mib'], '.0f')} MiB (target <= {TARGET_8B_MIB:.0f} MiB)")
+    return lines
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tools", nargs="*", default=list(TOOLS), choices=TOOLS)
@@ -157,32 +240,28 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if args.worker:
-        print(json.dumps(worker(args.worker, args.layers, args.repeats)))
+        print(json.dumps(worker(args.worker, args.configs[0], args.layers, args.repeats)))
         return 0
 
     load_start = load_average()
-    rows = {}
-    for tool in args.tools:
-        r = measure(tool, args.layers, args.repeats, args.timeout)
-        rows[tool] = r
-        print(f"[{tool}] " + (r.get("error") or f"median {r['median_s']:.2f}s (CPU {r['median_cpu_s']:.2f}s)"),
-              file=sys.stderr, flush=True)
-    text = table(rows)
-    st = rows.get("fxprune-export", {}).get("stages_cpu_s")
-    if st:
-        text += ("\n\nfxprune.compile(frontend=\"export\") by step, CPU s: "
-                 + ", ".join(f"{k} {v:.2f}" for k, v in st.items()))
-    fx, tp_ = rows.get("fxprune", {}), rows.get("tp", {})
-    summary = {}
-    if fx.get("median_s") and tp_.get("median_s"):
-        summary = {"fxprune_over_tp_wall": fx["median_s"] / tp_["median_s"],
-                   "fxprune_over_tp_cpu": fx["median_cpu_s"] / tp_["median_cpu_s"]}
-        text += (f"\n\nfxprune.compile / Torch-Pruning build_dependency: {summary['fxprune_over_tp_wall']:.2f}x wall, "
-                 f"{summary['fxprune_over_tp_cpu']:.2f}x CPU")
-    print(f"LlamaModel, {args.layers} layers, hidden {CONFIG['hidden_size']}, {CONFIG['num_attention_heads']} q / "
-          f"{CONFIG['num_key_value_heads']} kv heads, intermediate {CONFIG['intermediate_size']}, vocab "
-          f"{CONFIG['vocab_size']}, input 1x{SEQ} token ids\n")
-    print(text)
+    results: Dict[str, dict] = {}
+    for config in args.configs:
+        results[config] = {}
+        for tool in [t for t in args.tools if t in TOOLS_OF[config]]:
+            r = measure(tool, config, args.layers, args.repeats, args.timeout)
+            results[config][tool] = r
+            print(f"[{config} / {tool}] " + (r.get("error") or f"median {r['median_s']:.2f}s "
+                                               f"(CPU {r['median_cpu_s']:.2f}s)"), file=sys.stderr, flush=True)
+    for config, rows in results.items():
+        print(describe(config, args.layers) + "\n")
+        print(tools_table(rows))
+        print()
+    print("fxprune.compile by step (`Program.timings` and `Program.cpu_timings`, medians):\n")
+    print(passes_table(results))
+    summary = summarize(results)
+    print()
+    print("\n".join(summary_lines(summary)))
+
     import torch
     import transformers
 
@@ -198,8 +277,9 @@ def main(argv=None) -> int:
            "loadavg_end": load_average()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"env": env, "config": dict(CONFIG, num_hidden_layers=args.layers, seq=SEQ),
-                               "repeats": args.repeats, "rows": rows, "summary": summary}, indent=1))
+    out.write_text(json.dumps({"env": env, "configs": {c: dict(CONFIGS[c], num_hidden_layers=args.layers, seq=SEQ,
+                                                               meta=META[c]) for c in args.configs},
+                               "repeats": args.repeats, "results": results, "summary": summary}, indent=1))
     return 0
 
 

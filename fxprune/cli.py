@@ -119,8 +119,9 @@ def _add_export_parser(sub) -> None:
     p = sub.add_parser(
         "export", help="export a saved slim model to ONNX or torch.export (.pt2)",
         description="Load a slim model saved by fxprune.io.save (e.g. OUT/slim of fxprune "
-        "train), export it, reload the file and compare its outputs with the model's on random "
-        "standard-normal float32 inputs of the given shapes.")
+        "train), export it with a dynamic batch dimension (fixed shapes with --static), reload the "
+        "file and compare its outputs with the model's on random standard-normal float32 inputs of "
+        "the given shapes and of another batch size.")
     p.add_argument("slim_dir", metavar="SLIM_DIR", help="folder written by fxprune.io.save")
     p.add_argument("out_path", metavar="OUT_PATH", help="file to write (e.g. model.onnx, model.pt2)")
     p.add_argument("--format", choices=FORMATS, default="onnx", help="file format (default: onnx)")
@@ -128,6 +129,8 @@ def _add_export_parser(sub) -> None:
     p.add_argument("--input-shape", type=_shape, action="append", required=True, metavar="SHAPE",
                    help="shape of one model input, comma separated (e.g. 1,3,32,32); repeat it "
                    "for each input of a model with several")
+    p.add_argument("--static", action="store_true", help="fixed input shapes (those of --input-shape); by "
+                   "default the file takes any batch size (dim 0)")
     p.add_argument("--rtol", type=float, default=RTOL, help=f"verification: allowed difference "
                    f"relative to the largest output magnitude (default: {RTOL:g})")
     p.add_argument("--atol", type=float, default=ATOL, help=f"verification: allowed absolute "
@@ -148,7 +151,7 @@ def _export(args: argparse.Namespace) -> int:
     gen = torch.Generator().manual_seed(0)
     inputs = tuple(torch.randn(shape, generator=gen) for shape in args.input_shape)
     try:
-        result = export(io.load(args.slim_dir), inputs, args.out_path, args.format,
+        result = export(io.load(args.slim_dir), inputs, args.out_path, args.format, dynamic=not args.static,
                         rtol=args.rtol, atol=args.atol)
     except FxPruneError as e:
         print(f"fxprune export: error: {e}", file=sys.stderr)

@@ -5,6 +5,7 @@ import contextlib
 import gc
 import inspect
 import os
+import time
 import warnings
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
@@ -29,6 +30,10 @@ def _modes(mode: Any) -> tuple:
 
 def _normalize_inputs(model: torch.nn.Module, example_inputs: Any) -> tuple:
     """A tensor, a tuple/list of positional inputs, or a dict of keyword inputs -> a tuple."""
+    if isinstance(model, torch.fx.GraphModule):
+        from fxprune.passes.trace import realize
+
+        realize(model)  # a lazy GraphModule's forward gets its real signature
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)):
@@ -121,17 +126,40 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, mode: Union[str, Seq
     inputs = _normalize_inputs(model, example_inputs)
     _check_arity(model, inputs, concrete_args)
     concrete_args = _fixed_defaults(model, inputs, concrete_args)
+    clock = _StepClock()
     with _gc_paused():
         gm = _front_end(model, inputs, frontend, leaf_modules=leaf_modules, concrete_args=concrete_args,
                         tracer=tracer)
+        clock.lap("trace")
         pipe = pipeline if pipeline is not None else Pipeline.default(inputs, allow_inexact=allow_inexact)
         if "erase" in modes and "erasable" not in pipe.names():
             from fxprune.passes.erasable import ErasablePass
 
             pipe.append(ErasablePass(inputs))
-        gm = pipe.run(gm)
+        clock.restart()
+        for name, gm in pipe.steps(gm):
+            clock.lap(name)
     return Program(gm, inputs, pipe, model=model, modes=modes, trace_options=dict(
-        leaf_modules=tuple(leaf_modules), concrete_args=concrete_args, tracer=tracer))
+        leaf_modules=tuple(leaf_modules), concrete_args=concrete_args, tracer=tracer),
+        timings=clock.wall, cpu_timings=clock.cpu)
+
+
+class _StepClock:
+    """Wall-clock and process CPU seconds of consecutive steps, by name."""
+
+    def __init__(self):
+        self.wall: Dict[str, float] = {}
+        self.cpu: Dict[str, float] = {}
+        self.restart()
+
+    def restart(self) -> None:
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def lap(self, name: str) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.wall[name] = self.wall.get(name, 0.0) + wall - self._wall
+        self.cpu[name] = self.cpu.get(name, 0.0) + cpu - self._cpu
+        self._wall, self._cpu = wall, cpu
 
 
 @contextlib.contextmanager
@@ -210,11 +238,17 @@ class Program:
         example_inputs: the normalised example inputs (a tuple).
         pipeline: the passes that produced the analyses.
         modes: ``("prune",)``, ``("erase",)`` or ``("prune", "erase")``.
+        timings: wall-clock seconds ``fxprune.compile`` spent in each step: ``"trace"`` (the
+            front end, symbolic tracing or ``torch.export``), then each pass by name.
+        cpu_timings: the same steps' process CPU seconds (all threads).
     """
 
     def __init__(self, module: torch.fx.GraphModule, example_inputs: tuple, pipeline, *, model=None,
-                 trace_options=None, modes: Sequence[str] = ("prune",)):
+                 trace_options=None, modes: Sequence[str] = ("prune",), timings: Optional[Dict[str, float]] = None,
+                 cpu_timings: Optional[Dict[str, float]] = None):
         self.module = module
+        self.timings: Dict[str, float] = dict(timings or {})
+        self.cpu_timings: Dict[str, float] = dict(cpu_timings or {})
         self.modes = _modes(modes)
         self.example_inputs = example_inputs
         self.pipeline = pipeline

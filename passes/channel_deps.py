@@ -182,8 +182,10 @@ def _note_state_changes(ctx: RuleContext, out: Any) -> None:
     zero_in = np.concatenate([t.units[t.state == ZERO] for t in ins])
     for t, nonzero in outs:
         became = t.units[nonzero & ctx.analysis.store.isin(t.units, zero_in)]
-        for e in became.tolist():
-            ctx.analysis.const_origin.setdefault(e, ctx.where())
+        if len(became):
+            origin, where = ctx.analysis.const_origin, ctx.where()
+            for e in became.tolist():
+                origin.setdefault(e, where)
         if len(became) and _is_inplace(ctx.node, ctx.module):
             for tin in ins:
                 ctx.pin(tin, "changed in place by an op that does not keep zeros at zero")

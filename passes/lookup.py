@@ -43,6 +43,10 @@ class Lookup:
                         out[name] = first.setdefault(id(t), name)
         return out
 
+    def modules(self):
+        """Every submodule (with repeats for a module under several names)."""
+        return self._modules.values() if self._modules else self.gm.modules()
+
     def module(self, path: str) -> torch.nn.Module:
         """``gm.get_submodule(path)``; raises AttributeError if there is no such module."""
         m = self._modules.get(path)

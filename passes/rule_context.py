@@ -84,6 +84,7 @@ class RuleContext:
         self.module = self.lookup.module(node.target) if node.op == "call_module" else None
         self.touched: List[np.ndarray] = []  # elements the rule linked, froze or checked
         self._tensor_args: Optional[List[TensorChannels]] = None
+        self._where: Optional[str] = None
 
     # ----------------------------------------------------------------- reading the node
     def arg(self, index: int, name: Optional[str] = None, default: Any = _MISSING) -> Any:
@@ -127,7 +128,10 @@ class RuleContext:
         return _untracked_like(self.node.meta.get("tensor_meta"))
 
     def where(self) -> str:
-        return describe_node(self.node)
+        """The node, its op and its source line, for reasons (worked out once per node)."""
+        if self._where is None:
+            self._where = describe_node(self.node)
+        return self._where
 
     # ----------------------------------------------------------------- elements
     def fresh(self, n: int, state: int = ZERO) -> Track:

@@ -144,8 +144,44 @@ def trace(model: torch.nn.Module, *, leaf_modules: Iterable[Union[type, str]] = 
     if concrete_args:
         _inline_concrete(graph, concrete_args, list(inspect.signature(model.forward).parameters))
     name = model.__class__.__name__
-    gm = torch.fx.GraphModule(tr.root, graph, name)
-    gm.training = model.training
+    gm = graph_module(tr.root, graph, name)
+    _set_container_flags(gm, model)
+    return gm
+
+
+def _set_container_flags(gm: torch.fx.GraphModule, model: torch.nn.Module) -> None:
+    """The GraphModule and the plain ``nn.Module`` containers torch.fx creates for the paths
+    to its submodules get the model's train/eval flag (they are created in training mode);
+    the model's own submodules keep theirs."""
+    own = {id(m) for m in model.modules()}
+    stack = [gm]
+    while stack:
+        m = stack.pop()
+        if id(m) in own:
+            continue
+        m.training = model.training
+        stack.extend(c for c in m._modules.values() if c is not None)
+
+
+def graph_module(root: torch.nn.Module, graph: torch.fx.Graph, name: str) -> torch.fx.GraphModule:
+    """A GraphModule whose Python code is generated when it is first needed (its first call, or
+    ``.code``): torch.fx's lazy GraphModule, as ``torch.compile`` uses it. Analyses read only the
+    graph, and generating and compiling the code of a 250-node graph costs about 7 ms."""
+    try:
+        from torch.fx._lazy_graph_module import _LazyGraphModule
+    except ImportError:  # pragma: no cover - older torch
+        return torch.fx.GraphModule(root, graph, name)
+    return _LazyGraphModule(root, graph, name)
+
+
+def realize(gm: torch.nn.Module) -> torch.nn.Module:
+    """Generate a lazy GraphModule's code now, so that ``forward`` has its real signature (for
+    ``inspect.signature``, ``torch.export``, the ONNX exporter). Returns ``gm``."""
+    try:
+        from torch.fx._lazy_graph_module import _LazyGraphModule
+    except ImportError:  # pragma: no cover - older torch
+        return gm
+    _LazyGraphModule.force_recompile(gm)
     return gm
 
 

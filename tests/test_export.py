@@ -172,3 +172,142 @@ def test_float_inputs_are_redrawn_for_verification():
     assert first[0] is ids and first[1] is x
     assert torch.equal(second[0], ids) and second[1].shape == x.shape and second[1].abs().sum() > 0
     assert export_module._verification_inputs((ids,)) == [(ids,)]
+
+
+# ----------------------------------------------------------------------------------------------
+# dynamic shapes
+# ----------------------------------------------------------------------------------------------
+
+
+def test_readme_command_writes_onnx_that_takes_any_batch(tmp_path):
+    """The README's command on the digits demo's slim ResNet-18 (``fxprune train``'s default
+    model, 32x32 inputs), exported from a batch-1 shape: onnxruntime runs the file at batch 4."""
+    from fxprune import models
+
+    torch.manual_seed(0)
+    model = models.build("resnet18", 10, 3, 32).eval()
+    randomize_norms(model)
+    prog = fxprune.compile(model, torch.randn(1, 3, 32, 32))
+    prog.zero_(random_masks(prog))
+    slim = prog.construct_subnet().eval()
+    fio.save(slim, tmp_path / "slim")
+    out = tmp_path / "slim.onnx"
+    assert main(["export", "--format", "onnx", str(tmp_path / "slim"), str(out), "--input-shape", "1,3,32,32"]) == 0
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert isinstance(inp.shape[0], str) and inp.shape[1:] == [3, 32, 32]  # a symbolic batch dimension
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    (y,) = session.run(None, {inp.name: x.numpy()})
+    with torch.no_grad():
+        _assert_close(torch.from_numpy(y), slim(x))
+    assert y.shape == (4, 10)
+
+
+def test_static_keeps_the_example_shapes(resnet, tmp_path):
+    _, slim, x = resnet
+    fio.save(slim, tmp_path / "slim")
+    out = tmp_path / "static.onnx"
+    assert main(["export", "--static", str(tmp_path / "slim"), str(out), "--input-shape", "1,3,32,32"]) == 0
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert inp.shape == [1, 3, 32, 32]
+    with pytest.raises(Exception, match="(?i)dimension|shape"):
+        session.run(None, {inp.name: torch.randn(4, 3, 32, 32).numpy()})
+    ep = torch.export.load(str(fxprune.export(slim, x, tmp_path / "static.pt2", "pt2", dynamic=False).path))
+    with pytest.raises(Exception):
+        ep.module()(torch.randn(4, 3, 32, 32))
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_pt2_and_onnx_take_other_batch_sizes(vit, fmt, tmp_path):
+    _, slim, x = vit  # batch 2, a ViT with pruned heads
+    path = tmp_path / f"vit.{fmt}"
+    fxprune.export(slim, (x,), path, fmt)
+    for batch in (1, 5):
+        fresh = torch.randn(batch, *x.shape[1:], generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            _assert_close(_run_file(str(path), fmt, fresh), slim(fresh))
+
+
+class _Tokens(torch.nn.Module):
+    """Token ids and an attention mask in, per-token logits out."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 16)
+        self.proj = torch.nn.Linear(16, 8)
+
+    def forward(self, ids, mask):
+        h = torch.relu(self.proj(self.embed(ids)))
+        return h * mask.unsqueeze(-1).to(h.dtype)
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_token_inputs_take_other_batch_sizes_and_lengths(fmt, tmp_path):
+    torch.manual_seed(0)
+    model = _Tokens().eval()
+    ids = torch.randint(0, 50, (1, 6))
+    mask = torch.ones(1, 6, dtype=torch.long)
+    assert export_module.dynamic_dims((ids, mask)) == [{0: "batch", 1: "seq"}] * 2
+    path = tmp_path / f"tokens.{fmt}"
+    fxprune.export(model, (ids, mask), path, fmt)
+    for batch, length in ((3, 9), (2, 1)):
+        ids2 = torch.randint(0, 50, (batch, length))
+        mask2 = torch.ones(batch, length, dtype=torch.long)
+        if fmt == "pt2":
+            got = torch.export.load(str(path)).module()(ids2, mask2)
+        else:
+            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            names = [i.name for i in session.get_inputs()]
+            got = torch.from_numpy(session.run(None, dict(zip(names, (ids2.numpy(), mask2.numpy()))))[0])
+        with torch.no_grad():
+            _assert_close(got, model(ids2, mask2))
+
+
+class _FixedBatch(torch.nn.Module):
+    """A conv net that flattens with the batch size written as a constant."""
+
+    def __init__(self, flatten: str):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8 * 4 * 4, 5)
+        self.flatten = flatten
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        y = y.view(1, -1) if self.flatten == "constant" else y.view(y.size(0), -1)
+        return self.fc(y)
+
+
+@pytest.mark.parametrize("frontend,flatten", [("fx", "constant"), ("export", "size")])
+def test_a_graph_that_fixes_the_batch_size_is_refused_naming_the_node(frontend, flatten, tmp_path):
+    """A slim model whose graph holds ``view(1, ...)`` (written so, or captured by torch.export at
+    batch 1) cannot take another batch: the error names the view and points to fixed shapes."""
+    torch.manual_seed(0)
+    model = _FixedBatch(flatten).eval()
+    randomize_norms(model)
+    x = torch.randn(1, 3, 6, 6)
+    prog = fxprune.compile(model, x, frontend=frontend)
+    prog.zero_(random_masks(prog))
+    slim = prog.construct_subnet().eval()
+    views = [n.name for n in slim.graph.nodes if "view" in str(n.target)]
+    assert views
+    for fmt in FORMATS:
+        path = tmp_path / f"m.{fmt}"
+        with pytest.raises(ExportError, match=rf"node '{views[0]}' .*dynamic=False.*--static"):
+            fxprune.export(slim, x, path, fmt)
+        assert not path.exists()
+        assert fxprune.export(slim, x, path, fmt, dynamic=False).max_abs_diff <= TOL * 10
+
+
+FORMATS = ("pt2", "onnx")
+
+
+def test_other_sizes_and_resized_inputs():
+    x, ids = torch.randn(2, 3), torch.tensor([[4, 9, 7]])
+    dims = export_module.dynamic_dims((x, ids[:, :2].expand(2, 2).contiguous(), torch.ones(3)))
+    assert dims == [{0: "batch"}, {0: "batch", 1: "seq"}, {}]
+    other = export_module.resized_inputs((x, ids.expand(2, 3)), dims[:2], {"batch": 5, "seq": 4})
+    assert other[0].shape == (5, 3) and other[1].shape == (5, 4)
+    assert int(other[1].min()) >= 4 and int(other[1].max()) <= 9  # token ids stay in the example's range
