@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 
 from . import data as data_lib
 from . import models as model_lib
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 
 CHECKPOINT_FORMAT = "fxprune-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -182,7 +182,7 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
         raise CheckpointError(f"checkpoint {path} cannot be read; it is truncated or corrupt "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}).{hint}") from e
+                              f"({first_line(e, 200)}).{hint}") from e
     if not (isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT):
         raise CheckpointError(f"{path} is not an fxprune training checkpoint.{hint}")
     if payload.get("version") != CHECKPOINT_VERSION:

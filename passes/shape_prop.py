@@ -37,6 +37,15 @@ class RecordShapes(torch.fx.Interpreter):
             self._attrs[target] = super().fetch_attr(target)
         return self._attrs[target]
 
+    def fetch_args_kwargs_from_env(self, n: torch.fx.Node):
+        """The node's arguments, with torch.fx's immutable lists and dicts as plain ones: the
+        generated code passes plain ones, and a wrapped function may edit its argument in place
+        (torchvision's 3-D Swin does)."""
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        if n.op == "call_function":
+            args, kwargs = _mutable(args), _mutable(kwargs)
+        return args, kwargs
+
     def run_node(self, n: torch.fx.Node) -> Any:
         result = super().run_node(n)
         found_tensor = False
@@ -74,16 +83,29 @@ class ShapePropPass(PassBase):
         self.example_inputs = tuple(example_inputs)
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        self.propagate(gm)
+        return PassResult(gm, False)
+
+    def propagate(self, gm: torch.fx.GraphModule) -> Any:
+        """Record the metadata; returns the graph's outputs on the example inputs."""
         # under an active fake mode (torch.compile tracing), ShapeProp's fake-tensor path
         interpreter = ShapeProp(gm).propagate if detect_fake_mode() is not None else RecordShapes(gm).run
         try:
             with torch.no_grad(), eval_mode(gm):
-                interpreter(*self.example_inputs)
+                return interpreter(*self.example_inputs)
         except Exception as exc:
             raise UnsupportedInputError(
                 f"the model does not run on the example inputs "
                 f"({', '.join(_describe(x) for x in self.example_inputs)}): {type(exc).__name__}: {exc}") from exc
-        return PassResult(gm, False)
+
+
+def _mutable(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        items = [_mutable(x) for x in v]
+        return items if isinstance(v, list) else (type(v)(*items) if hasattr(v, "_fields") else tuple(items))
+    if isinstance(v, dict):
+        return {k: _mutable(x) for k, x in v.items()}
+    return v
 
 
 def _describe(x) -> str:
