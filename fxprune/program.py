@@ -447,6 +447,19 @@ class Program:
         slim.train(self.module.training)
         return slim
 
+    # ------------------------------------------------------------------ training helpers
+    def gated_module(self):
+        """The gated training module of Auto-Train-Once (:func:`fxprune.passes.gating.insert_gates`)."""
+        from fxprune.passes.gating import insert_gates
+
+        return insert_gates(self)
+
+    def flops_model(self):
+        """FLOPs as a function of the kept channels (:class:`fxprune.flops_model.FlopsModel`)."""
+        from .flops_model import FlopsModel
+
+        return FlopsModel(self)
+
     # ------------------------------------------------------------------ inspection
     def to_dot(self, path: Optional[str] = None) -> str:
         """The group graph as DOT (pydot); written to ``path`` if given. Returns the DOT text."""

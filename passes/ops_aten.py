@@ -296,3 +296,16 @@ def _sym_size(ctx):
 def _sym_numel(ctx):
     record_size(ctx, _tc(ctx, ctx.arg(0)), None)
     return None
+
+
+# ---------------------------------------------------------------------------- 1-d and 3-d pooling
+# (video models through torch.export: swin3d's and MViT's pooling)
+
+for _fn, _names in ((F.adaptive_avg_pool3d, ("adaptive_avg_pool3d", "_adaptive_avg_pool3d")),
+                    (F.avg_pool3d, ("avg_pool3d",)), (F.max_pool3d, ("max_pool3d",)),
+                    (F.adaptive_avg_pool1d, ("adaptive_avg_pool1d",)), (F.avg_pool1d, ("avg_pool1d",)),
+                    (F.max_pool1d, ("max_pool1d",))):
+    for _name in _names:
+        _ov = getattr(getattr(aten, _name, None), "default", None)
+        if _ov is not None and _ov not in REGISTRY.functions and _fn in REGISTRY.functions:
+            REGISTRY.functions[_ov] = REGISTRY.functions[_fn]

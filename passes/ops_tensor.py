@@ -988,6 +988,9 @@ def _repeat_interleave(ctx):
     x = _tc(ctx, ctx.arg(0, "input"))
     r = ctx.arg(1, "repeats")
     dim = ctx.arg(2, "dim", None)
+    if isinstance(r, torch.fx.Node) and "tensor_meta" not in r.meta and dim is not None and x is not None:
+        d = norm_dim(dim, x.ndim)  # a count read from a size (``x.shape[0]``): shape propagation gives it
+        r = ctx.out_shape[d] // x.shape[d] if x.shape[d] else None
     if x is None or not isinstance(r, int):
         return ctx.unknown("repeat_interleave with a tensor of counts")
     if dim is None:

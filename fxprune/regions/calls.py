@@ -270,3 +270,28 @@ def _fetch(gm: torch.nn.Module, target: str) -> Any:
 
 __all__ = ["CallSpec", "FlatCall", "flat_call", "NotFlat", "RegionGraphModule", "region_graph_module", "set_region_call",
            "CONSTANT_TYPES"]
+
+
+def region_paths(model: torch.nn.Module) -> List[str]:
+    """Qualified names of the region GraphModules inside ``model`` (a region program's module
+    or slim model)."""
+    return [name for name, m in model.named_modules() if name and isinstance(m, RegionGraphModule)]
+
+
+def refuse_region_model(model: torch.nn.Module, what: str) -> None:
+    """Raise :class:`fxprune.UnsupportedInputError` if ``model`` is a region-compiled model
+    (not itself a GraphModule, with region GraphModules inside), saying what to do instead."""
+    from fxprune.errors import UnsupportedInputError
+
+    if isinstance(model, torch.fx.GraphModule):
+        return
+    names = region_paths(model)
+    if not names:
+        return
+    shown = ", ".join(f"'{n}'" for n in names[:4]) + (" ..." if len(names) > 4 else "")
+    raise UnsupportedInputError(
+        f"{what} cannot take a region-compiled model ({type(model).__name__} with regions {shown}): the code between "
+        f"its regions is the model's own Python, which fxprune neither serialises nor exports. Save or export each "
+        f"slim region on its own, e.g. for name in [{shown}]: {what}(model.get_submodule(name), ...), with the "
+        f"region's tensor inputs (prog.regions[i].example_inputs), and put them back into your model class with "
+        f"setattr; or keep the whole model with torch.save(model.state_dict(), ...) together with your model's code")
