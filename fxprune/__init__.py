@@ -11,7 +11,7 @@ equals the trained model's.
     slim = prog.construct_subnet()        # verified against the full model
     print(fxprune.report(model, slim, example_inputs))
 """
-from .errors import (CheckpointError, ExportError, FxPruneError, RewriteError, TraceError,
+from .errors import (CheckpointError, ExportError, FxPruneError, RegionError, RewriteError, TraceError,
                      UnsupportedInputError, VerificationError)
 from .ir import Erasable, Group, Slice
 from .program import Program, compile
@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "Erasable", "ExportError", "ExportResult", "FxPruneError", "Group", "Program", "Report", "RewriteError", "Slice", "TraceError",
-    "UnsupportedInputError", "VerificationError", "compile", "export", "report", "DHSPG", "H2SPG", "load", "save",
+    "UnsupportedInputError", "VerificationError", "RegionError", "compile", "export", "report", "DHSPG", "H2SPG", "load", "save",
     "ATO", "HFConfig", "hf_config",
 ]
 

@@ -111,6 +111,11 @@ class FxPruneTracer(torch.fx.Tracer):
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or isinstance(m, self.leaf_types):
             return True
+        if torch.nn.utils.parametrize.is_parametrized(m) or isinstance(m, torch.nn.utils.parametrize.ParametrizationList) \
+                or ".parametrizations." in f".{module_qualified_name}":
+            # its weight is computed (weight norm, spectral norm): traced through, so the graph
+            # reads the real parameters and the computation has its own rule
+            return False
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):

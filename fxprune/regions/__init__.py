@@ -79,7 +79,7 @@ import torch
 
 from fxprune.errors import TraceError, UnsupportedInputError
 
-from .build import Plan, Region, find_regions, freeze_shared, shared_tensors, swap_in
+from .build import Plan, Region, _short, find_regions, freeze_shared, shared_tensors, swap_in
 from .calls import CallSpec, RegionGraphModule
 from .program import RegionEraseGraph, RegionProgram
 from .record import Recording, record
@@ -159,6 +159,10 @@ def compile_regions(model: torch.nn.Module, inputs: tuple, *, names: Optional[Se
         rec = recording if recording is not None else record_model(work, inputs, names, kwargs)
         plan = find_regions(work, rec, module_paths(work), names=names, exclude=exclude, modes=modes,
                             frontend=frontend, leaf_modules=tuple(leaf_modules), allow_inexact=allow_inexact)
+    if names is None:
+        root = rec.data_dependent.get(id(work)) or (_short(cause) if cause is not None else "")
+        if root:
+            plan.rejected = {"": root, **plan.rejected}
     if not plan.regions:
         why = "; ".join(f"{k or '<root>'}: {v}" for k, v in list(plan.rejected.items())[:6])
         head = f"{cause}\n\n" if cause is not None else ""

@@ -176,7 +176,7 @@ def compile_region(module: torch.nn.Module, path: str, calls: List[Call], count:
         raise _NotARegion(f"does not trace: {first_line(exc)}") from exc
     kind = "export" if _is_export(gm) else "fx"
     try:
-        gm = region_graph_module(gm, spec, path, rename=_strip)
+        gm = region_graph_module(gm, spec, path, rename=_strip, original=module, class_name=type(module).__name__)
     except RegionError as exc:
         raise _NotARegion(str(exc)) from exc
     gm.training = module.training

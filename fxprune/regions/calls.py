@@ -230,9 +230,47 @@ class RegionGraphModule(torch.fx.GraphModule):
             return super().__call__(*args, **kwargs)
         return super().__call__(*spec.tensors(args, kwargs, self.__dict__.get("region_name", "?")))
 
+    # Code between regions may read the submodule it called (``self.head.num_anchors``,
+    # ``self.block[0].weight``): what the graph does not hold is looked up on
+    # ``region_original``, the submodule the region replaces (for a slim region, a copy of it
+    # holding the slim region's own tensors and modules).
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            original = self.region_module
+            if original is None or name.startswith("__"):
+                raise
+            return getattr(original, name)
+
+    def __getitem__(self, index):
+        return self._original("indexing")[index]
+
+    def __len__(self) -> int:
+        return len(self._original("len()"))
+
+    def __bool__(self) -> bool:  # a module is true, whatever len() says
+        return True
+
+    def __iter__(self):
+        return iter(self._original("iteration"))
+
+    @property
+    def region_module(self) -> Optional[torch.nn.Module]:
+        """The submodule this region replaces (see above), or None."""
+        held = self.__dict__.get("region_original")
+        return held.module if held is not None else None
+
+    def _original(self, what: str) -> torch.nn.Module:
+        original = self.region_module
+        if original is None:
+            raise TypeError(f"region '{self.__dict__.get('region_name', '?')}' does not support {what}")
+        return original
+
 
 def region_graph_module(gm: torch.fx.GraphModule, spec: CallSpec, name: str,
-                        rename: Optional[Callable[[str], str]] = None) -> RegionGraphModule:
+                        rename: Optional[Callable[[str], str]] = None, original: Optional[torch.nn.Module] = None,
+                        class_name: Optional[str] = None) -> RegionGraphModule:
     """A :class:`RegionGraphModule` over ``gm``'s graph (taken over, not copied) and attributes
     (shared, not copied). ``rename`` maps the targets of ``get_attr``/``call_module`` nodes to
     their names in the region (the front ends trace the submodule under a wrapper)."""
@@ -246,19 +284,55 @@ def region_graph_module(gm: torch.fx.GraphModule, spec: CallSpec, name: str,
                 raise RegionError(f"region '{name}' is a single opaque module call")
             attrs[new] = _fetch(gm, old)
             node.target = new
-    out = RegionGraphModule(attrs, graph, class_name=type(gm).__name__ if type(gm).__name__ != "GraphModuleImpl"
-                            else "GraphModule")
+    out = RegionGraphModule(attrs, graph, class_name=class_name or "GraphModule")
     out.meta.update({k: v for k, v in gm.meta.items() if k != _USER_PRESERVED})
-    set_region_call(out, spec, name)
+    set_region_call(out, spec, name, original)
     out.training = gm.training
     return out
 
 
-def set_region_call(gm: RegionGraphModule, spec: CallSpec, name: str) -> None:
-    """Attach the call convention (kept through ``copy.deepcopy``)."""
-    gm.__dict__["region_call"] = spec
-    gm.__dict__["region_name"] = name
-    gm.meta.setdefault(_USER_PRESERVED, {}).update(region_call=spec, region_name=name)
+def set_region_call(gm: RegionGraphModule, spec: CallSpec, name: str,
+                    original: Optional[torch.nn.Module] = None) -> None:
+    """Attach the call convention and the replaced submodule (kept through ``copy.deepcopy``;
+    the submodule is not registered, so its tensors are not counted twice)."""
+    attrs = dict(region_call=spec, region_name=name, region_original=_Held(original) if original is not None else None)
+    gm.__dict__.update(attrs)
+    gm.meta.setdefault(_USER_PRESERVED, {}).update(attrs)
+
+
+class _Held:
+    """Holds a module as a plain attribute (``setattr`` would register a module as a child)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+
+def rebound_original(original: Optional[torch.nn.Module], gm: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """A copy of ``original`` whose submodules, parameters and buffers are ``gm``'s where ``gm``
+    has them under the same name (a slim region's): what the slim region's attribute lookups
+    fall back to."""
+    if original is None:
+        return None
+    memo: dict = {}
+    for path, sub in gm.named_modules():
+        if not path:
+            continue
+        try:
+            mine = original.get_submodule(path)
+        except AttributeError:
+            continue
+        if type(mine) is type(sub):
+            memo[id(mine)] = sub
+    for path, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        try:
+            mine = _fetch(original, path)
+        except AttributeError:
+            continue
+        if isinstance(mine, torch.Tensor):
+            memo[id(mine)] = t
+    import copy
+
+    return copy.deepcopy(original, memo)
 
 
 def _fetch(gm: torch.nn.Module, target: str) -> Any:
@@ -268,7 +342,7 @@ def _fetch(gm: torch.nn.Module, target: str) -> Any:
     return obj
 
 
-__all__ = ["CallSpec", "FlatCall", "flat_call", "NotFlat", "RegionGraphModule", "region_graph_module", "set_region_call",
+__all__ = ["CallSpec", "FlatCall", "flat_call", "rebound_original", "NotFlat", "RegionGraphModule", "region_graph_module", "set_region_call",
            "CONSTANT_TYPES"]
 
 

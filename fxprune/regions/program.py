@@ -17,7 +17,7 @@ from fxprune.ir import Erasable, Group, Slice
 from fxprune.program import Program, check_outputs
 
 from .build import Region
-from .calls import RegionGraphModule, region_graph_module
+from .calls import RegionGraphModule, rebound_original, region_graph_module
 
 
 def _prefixed(region: str, name: str) -> str:
@@ -146,7 +146,9 @@ class RegionProgram(Program):
             if verify:
                 for i, call in enumerate(r.recorded):
                     check_outputs(r.module, flat, call.tensors, rtol, what=f"region '{r.name}' (recorded call {i + 1})")
-            memo[id(r.module)] = region_graph_module(flat, r.module.region_call, r.name)
+            memo[id(r.module)] = region_graph_module(flat, r.module.region_call, r.name,
+                                                     original=rebound_original(r.module.region_module, flat),
+                                                     class_name=type(r.module).__name__)
         slim = copy.deepcopy(self.module, memo)
         slim.train(self.module.training)
         if verify:
