@@ -80,27 +80,27 @@ def test_raft_small_equivalence():
 @pytest.mark.parametrize("name", [_param(n) for n in RM.MOE])
 def test_mixture_of_experts_prunes_each_expert(name):
     model, x = RM.build(name)
-    prog = fxprune.compile(model, x)
-    assert isinstance(prog, RegionProgram)
-    experts = [r for r in prog.regions if ".mlp.experts." in r.name]
-    assert len(experts) == 2 * 4  # one region per expert and layer
-    for r in experts:
-        inner = [prog.groups[g] for g in r.groups if prog.groups[g].prunable]
-        assert len(inner) == 1 and inner[0].params == [f"{r.name}.gate_up_proj.weight"]
-        assert inner[0].size == r.module.gate_up_proj.weight.shape[0] // 2
-    assert "region boundary" in prog.rejected["model.layers.0.mlp.gate"]  # the router's width is never pruned
-    # the expert weights of prog.module view the user's stacked tensors
-    stacked = model.model.layers[0].mlp.experts.down_proj
-    view = prog.module.get_parameter("model.layers.0.mlp.experts.1.down_proj.weight")
-    assert view.data_ptr() == stacked[1].data_ptr()
     r = check_equivalence(model, x)
     assert r.max_rel_diff <= 1e-6 and r.params_slim < r.params_full
+    prog, user = r.prog, r.prog._model  # the float64 copy check_equivalence compiled
+    assert isinstance(prog, RegionProgram)
+    experts = [reg for reg in prog.regions if ".mlp.experts." in reg.name]
+    assert len(experts) == 2 * 4  # one region per expert and layer
+    for reg in experts:
+        inner = [prog.groups[g] for g in reg.groups if prog.groups[g].prunable]
+        assert len(inner) == 1 and inner[0].params == [f"{reg.name}.gate_up_proj.weight"]
+        assert inner[0].size == reg.module.gate_up_proj.weight.shape[0] // 2
+    assert "region boundary" in prog.rejected["model.layers.0.mlp.gate"]  # the router's width is never pruned
+    # the expert weights of prog.module view the user's stacked tensors
+    stacked = user.model.layers[0].mlp.experts.down_proj
+    view = prog.module.get_parameter("model.layers.0.mlp.experts.1.down_proj.weight")
+    assert view.data_ptr() == stacked[1].data_ptr()
     # experts pruned to different widths; another sequence length runs through every region
     widths = {r.slim.get_submodule(e.name).gate_up_proj.weight.shape[0] for e in experts}
     assert len(widths) > 1
     longer = torch.randint(0, 64, (1, 24))
     with torch.no_grad():
-        a = r.prog.module(longer, use_cache=False).logits
+        a = prog.module(longer, use_cache=False).logits
         b = r.slim(longer, use_cache=False).logits
     assert (a - b).abs().max() <= 1e-9
 
