@@ -26,7 +26,7 @@ where it slices the interleaved halves with a stride, its channels stay frozen.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn

@@ -147,30 +147,17 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, mode: Union[str, Seq
         return compile_regions(model, inputs, names=regions, exclude=exclude, modes=modes, frontend=frontend,
                                leaf_modules=leaf_modules, allow_inexact=allow_inexact, kwargs=concrete_args)
     auto = frontend == "auto" and tracer is None and pipeline is None and not isinstance(model, torch.fx.GraphModule)
-    recorded = {}
-
-    def record_then_export():
-        # the recording run region compile needs anyway says whether torch.export can succeed
-        from fxprune.passes import export
-        from fxprune.regions import record_model
-
-        rec = recorded["rec"] = record_model(model, inputs, kwargs=concrete_args)
-        if id(model) in rec.data_dependent:
-            raise TraceError(f"torch.export not tried: {rec.data_dependent[id(model)]}")
-        return export(model, inputs)
-
     with _gc_paused():
         try:
             gm = _front_end(model, inputs, frontend, leaf_modules=leaf_modules, concrete_args=concrete_args,
-                            tracer=tracer, export_fallback=record_then_export if auto else None)
+                            tracer=tracer)
         except TraceError as exc:
             if not auto:
                 raise
             from fxprune.regions import compile_regions
 
             return compile_regions(model, inputs, modes=modes, frontend=frontend, leaf_modules=leaf_modules,
-                                   allow_inexact=allow_inexact, kwargs=concrete_args, recording=recorded.get("rec"),
-                                   cause=exc)
+                                   allow_inexact=allow_inexact, kwargs=concrete_args, cause=exc)
         pipe = pipeline if pipeline is not None else Pipeline.default(inputs, allow_inexact=allow_inexact)
         if "erase" in modes and "erasable" not in pipe.names():
             from fxprune.passes.erasable import ErasablePass
@@ -200,7 +187,7 @@ def _gc_paused():
 
 
 def _front_end(model, inputs, frontend: str, *, origin: Optional[type] = None, tracer_for=None,
-               export_fallback=None, dynamic: bool = False, **trace_kwargs) -> torch.fx.GraphModule:
+               dynamic: bool = False, **trace_kwargs) -> torch.fx.GraphModule:
     """Symbolic tracing first (module-level graph, readable code); for timm models that fail,
     again with timm's registry of non-traceable modules and functions; then torch.export.
 
@@ -211,8 +198,7 @@ def _front_end(model, inputs, frontend: str, *, origin: Optional[type] = None, t
 
     ``origin``: the class whose package decides the timm path (default ``type(model)``);
     ``tracer_for(leaf_modules, timm)``: builds the tracer (default :class:`FxPruneTracer`,
-    timm's tracer for the retry). ``export_fallback()``: called instead of torch.export when
-    symbolic tracing fails. ``dynamic``: torch.export with symbolic sizes
+    timm's tracer for the retry). ``dynamic``: torch.export with symbolic sizes
     (:func:`fxprune.passes.trace.export`).
     """
     from fxprune.passes import trace
@@ -257,7 +243,7 @@ def _front_end(model, inputs, frontend: str, *, origin: Optional[type] = None, t
         if frontend == "fx":
             raise
         try:
-            return export_fallback() if export_fallback is not None else export(model, inputs)
+            return export(model, inputs)
         except TraceError as export_error:
             raise TraceError(f"{fx_error}\n\nThe torch.export front end failed too: {export_error}") from fx_error
     return prefer_export(gm, _opaque_functions(gm))

@@ -8,7 +8,6 @@ detectors, video models and HuggingFace mixture-of-experts models are in
 """
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import pytest
@@ -348,3 +347,31 @@ def test_auto_train_once_on_a_region_program():
     assert abs(ato.flops_ratio() - 0.6) < 0.1
     with ato.gated.gated(None):
         assert torch.allclose(ato.gated(X), prog.module(X))
+
+
+def test_a_child_called_from_outside_freezes_its_parameters():
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Sequential(block(3, 8), block(8, 8))
+            self.head = block(8, 4)
+
+        def forward(self, x):
+            y = self.backbone(x)
+            if y.sum() > -1e9:
+                y = y + self.backbone[1](y)  # a child of the backbone, called from outside it
+            return self.head(y)
+
+    model = Outer().eval()
+    prog = fxprune.compile(model, X)
+    assert {"backbone", "head"} <= {r.name for r in prog.regions}
+    touched = [g for g in prog.groups if any(p.startswith("backbone.1.") for p in g.params)]
+    assert touched and all(not g.prunable for g in touched)
+    assert any("called from outside the region" in g.reason for g in touched)
+    assert _inner_prunable(prog, "backbone.0.0.weight")
+    r = check_equivalence(model, X)
+    assert r.params_slim < r.params_full
+
+
+def _inner_prunable(prog, param):
+    return next(g for g in prog.groups if param in g.params).prunable

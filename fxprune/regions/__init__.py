@@ -16,7 +16,8 @@ signature and flattened with ``torch.utils._pytree`` (:class:`.calls.CallSpec`: 
 leaves are the region's inputs, every other leaf is a constant). A dispatch mode notes every
 module running when an op with a value-dependent output (ATen tags ``dynamic_output_shape`` and
 ``data_dependent_output``: ``nonzero``, boolean masks, ``.item()``, ``bool(tensor)``) runs or a
-tensor leaves torch (``.numpy()``, ``.tolist()``), and which module reads each parameter.
+tensor leaves torch (``.numpy()``, ``.tolist()``) on a value computed from the inputs, and which
+modules are running whenever a parameter is read.
 
 **The walk** (:func:`.build.find_regions`). From the top of the module tree, a submodule becomes
 a *region* when it is the largest one that (1) holds parameters, (2) was called by the run and
@@ -45,8 +46,9 @@ that reach them are frozen with a reason naming the region; its inputs come from
 carry no channels. Nothing is assumed about the code between two regions.
 
 **Shared parameters.** A region's parameter or buffer that is also registered outside it (tied
-weights) or that code outside it reads (recorded during the run) freezes every group that
-touches it, with the other user in the reason; its erasable operators are dropped.
+weights) or that is read while the region's module is not running (by the code around it, or
+through a child the code around it calls) freezes every group that touches it, with the other
+user in the reason; its erasable operators are dropped.
 
 **The program** (:class:`.program.RegionProgram`). ``prog.module`` is the user's model with
 every region's :class:`.calls.RegionGraphModule` in place of its submodule: the modules on the
@@ -73,7 +75,7 @@ boundary.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 

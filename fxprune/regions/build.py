@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
-import numpy as np
 import torch
 import torch.fx
 from torch.utils._pytree import tree_flatten
 
-from fxprune.errors import FxPruneError, RegionError, TraceError, first_line
+from fxprune.errors import RegionError, TraceError, first_line
 from fxprune.passes.channel_deps import META_OUTPUT_REASON
+from fxprune.passes.modes import eval_mode
 from fxprune.passes.trace import FxPruneTracer
 
 from .calls import CallSpec, RegionGraphModule, flat_call, region_graph_module
@@ -192,14 +192,11 @@ def compile_region(module: torch.nn.Module, path: str, calls: List[Call], count:
         gm = pipe.run(gm)
     except _NotARegion:
         raise
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - an analysis that cannot take this graph: not a region
         raise _NotARegion(f"analysis failed: {first_line(exc)}") from exc
     for i, other in enumerate(calls[1:], 1):
-        with torch.no_grad():
-            from fxprune.passes.modes import eval_mode
-
-            with eval_mode(gm):
-                out = gm(*other.tensors)
+        with torch.no_grad(), eval_mode(gm):
+            out = gm(*other.tensors)
         _check_same(f"the traced graph on recorded call {i + 1}", out, other.output)
     prog = Program(gm, inputs, pipe, model=None, modes=modes)
     return Region(name=path, frontend=kind, program=prog, calls=count, recorded=list(calls), paths=[path])
@@ -346,17 +343,24 @@ def find_regions(model: torch.nn.Module, rec: Recording, paths: Dict[int, str], 
 
 def shared_tensors(model: torch.nn.Module, region: Region, rec: Recording) -> Dict[str, str]:
     """Tensors of the region (local names) that code outside it also holds or reads: ``{local
-    name: a qualified name or module outside}``."""
+    name: who}``. Outside means registered under another name (tied weights), or read by a
+    torch function while the region's own module was not running (by the code around it, by
+    another module it is tied into, or by a child of the region called from outside)."""
     owners: Dict[int, List[str]] = {}
     for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
             model.named_buffers(remove_duplicate=False)):
         owners.setdefault(id(t), []).append(name)
+    root = region.module.region_module
     out: Dict[str, str] = {}
     gm = region.module
     for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
-        inside = lambda q: any(_under(q, p) for p in region.paths)  # noqa: E731
         outside = [q for q in owners.get(id(t), []) if not any(q.startswith(p + ".") for p in region.paths)]
-        outside += [f"module '{q or '<root>'}'" for q in sorted(rec.tensor_users.get(id(t), ())) if not inside(q)]
+        under = rec.tensor_under.get(id(t))
+        if not outside and under is not None and root is not None and id(root) not in under:
+            users = sorted(rec.tensor_users.get(id(t), ()))
+            elsewhere = [u for u in users if not any(_under(u, p) for p in region.paths)]
+            outside = [f"module '{(elsewhere or users or ['?'])[0] or '<root>'}'"
+                       + ("" if elsewhere else " called from outside the region")]
         if outside:
             out[name] = outside[0]
     return out

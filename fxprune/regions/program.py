@@ -17,7 +17,7 @@ from fxprune.ir import Erasable, Group, Slice
 from fxprune.program import Program, check_outputs
 
 from .build import Region
-from .calls import RegionGraphModule, rebound_original, region_graph_module
+from .calls import rebound_original, region_graph_module
 
 
 def _prefixed(region: str, name: str) -> str:

@@ -8,10 +8,14 @@
   innermost) when an ATen op runs whose output shape or value depends on tensor *values*
   (ATen tags ``dynamic_output_shape``/``data_dependent_output``: ``nonzero``, a boolean mask
   index, ``.item()``, ``bool(tensor)`` ...), or when a tensor leaves torch (``.numpy()``,
-  ``.tolist()``): neither symbolic tracing nor ``torch.export`` can capture such a module as one
-  graph that is right for other inputs, so region compile does not try.
+  ``.tolist()``), on a value derived from the model's inputs (values computed from parameters
+  and constants alone are the same for every input): neither symbolic tracing nor
+  ``torch.export`` can capture such a module as one graph that is right for other inputs, so
+  region compile does not try it.
 * **Parameter use.** Which module was running when each parameter or buffer was passed to a
   torch function: a parameter that code outside a region reads is shared with that code.
+  So is a parameter read while the region's own module is not running (its tied copy in
+  another module, a child called directly by the code around it: ``self.backbone[1](y)``).
 
 The run is in eval mode, without autograd, on the example inputs; hooks and modes are removed
 afterwards, so the model is left as it was.
@@ -25,7 +29,7 @@ from typing import Any, Dict, Iterable, List, Optional, Set
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from .calls import CallSpec, NotFlat
 
@@ -54,6 +58,7 @@ class Recording:
     count: Dict[int, int] = field(default_factory=dict)
     data_dependent: Dict[int, str] = field(default_factory=dict)
     tensor_users: Dict[int, Set[str]] = field(default_factory=dict)
+    tensor_under: Dict[int, Set[int]] = field(default_factory=dict)  # modules running at every use of a tensor
     output: Any = None
 
 
@@ -67,32 +72,59 @@ class _Stack:
 
 
 class _DispatchProbe(TorchDispatchMode):
-    def __init__(self, stack: _Stack, rec: Recording):
+    """Marks the running modules at an op with a value-dependent result on a value derived from
+    the inputs (``rec.derived``, kept up to date here: an op's outputs, and the tensors an
+    in-place op writes, derive from the inputs when one of its tensor arguments does).
+    Computations on parameters and constants alone are not data-dependent for a tracer."""
+
+    def __init__(self, stack: _Stack, rec: Recording, derived):
         super().__init__()
-        self.stack, self.rec = stack, rec
+        self.stack, self.rec, self.derived = stack, rec, derived
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if self.stack.frames and any(t in func.tags for t in _DATA_TAGS):
-            what = f"data-dependent op {func} in '{self.stack.frames[-1][1] or '<root>'}'"
-            for mod, _, _ in self.stack.frames:
-                self.rec.data_dependent.setdefault(id(mod), what)
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        tensors = [a for a in _shallow(args, kwargs) if isinstance(a, torch.Tensor)]
+        if any(t in self.derived for t in tensors):
+            if self.stack.frames and any(t in func.tags for t in _DATA_TAGS):
+                what = f"data-dependent op {func} in '{self.stack.frames[-1][1] or '<root>'}'"
+                for mod, _, _ in self.stack.frames:
+                    self.rec.data_dependent.setdefault(id(mod), what)
+            for t in _flat_tensors(out):
+                self.derived[t] = True
+            if func._schema.is_mutable:
+                for t in tensors:
+                    self.derived[t] = True
+        return out
+
+
+def _flat_tensors(v: Any) -> List[torch.Tensor]:
+    if isinstance(v, torch.Tensor):
+        return [v]
+    if isinstance(v, (list, tuple)):
+        return [t for x in v for t in _flat_tensors(x)]
+    return []
 
 
 class _FunctionProbe(TorchFunctionMode):
-    def __init__(self, stack: _Stack, rec: Recording, watched_tensors: Set[int]):
+    def __init__(self, stack: _Stack, rec: Recording, watched_tensors: Set[int], derived):
         super().__init__()
-        self.stack, self.rec, self.watched = stack, rec, watched_tensors
+        self.stack, self.rec, self.watched, self.derived = stack, rec, watched_tensors, derived
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         frames = self.stack.frames
         if frames:
             path = frames[-1][1]
+            running = None
             for a in _shallow(args, kwargs):
                 if id(a) in self.watched:
                     self.rec.tensor_users.setdefault(id(a), set()).add(path)
-            if getattr(func, "__name__", "") in _LEAVES_TORCH:
+                    running = running if running is not None else {id(f[0]) for f in frames}
+                    before = self.rec.tensor_under.get(id(a))
+                    self.rec.tensor_under[id(a)] = running if before is None else before & running
+            if getattr(func, "__name__", "") in _LEAVES_TORCH and args and isinstance(args[0], torch.Tensor) \
+                    and args[0] in self.derived:
                 what = f"tensor converted by {func.__name__} in '{path or '<root>'}'"
                 for mod, _, _ in frames:
                     self.rec.data_dependent.setdefault(id(mod), what)
@@ -117,9 +149,15 @@ def record(model: torch.nn.Module, inputs: tuple, watch: Dict[int, str], paths: 
     """
     from fxprune.passes.modes import eval_mode
 
+    from torch.utils.weak import WeakTensorKeyDictionary
+
     rec = Recording()
     stack = _Stack()
     tensors = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
+    derived = WeakTensorKeyDictionary()  # tensors computed from the inputs
+    for t in tree_flatten(list(inputs))[0]:
+        if isinstance(t, torch.Tensor):
+            derived[t] = True
 
     def pre(mod, args, kwargs):
         call = None
@@ -149,8 +187,8 @@ def record(model: torch.nn.Module, inputs: tuple, watch: Dict[int, str], paths: 
             handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(m.register_forward_hook(post, with_kwargs=True, always_call=True))
         with eval_mode(model), contextlib.ExitStack() as modes:
-            modes.enter_context(_FunctionProbe(stack, rec, tensors))
-            modes.enter_context(_DispatchProbe(stack, rec))
+            modes.enter_context(_FunctionProbe(stack, rec, tensors, derived))
+            modes.enter_context(_DispatchProbe(stack, rec, derived))
             rec.output = model(*inputs)
     finally:
         for h in handles:
