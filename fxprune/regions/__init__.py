@@ -82,7 +82,7 @@ import torch
 from fxprune.errors import TraceError, UnsupportedInputError
 
 from .build import Plan, Region, _short, find_regions, freeze_shared, shared_tensors, swap_in
-from .calls import CallSpec, RegionGraphModule
+from .calls import CallSpec, KwargsCall, RegionGraphModule
 from .program import RegionEraseGraph, RegionProgram
 from .record import Recording, record
 
@@ -112,27 +112,15 @@ def record_model(model: torch.nn.Module, inputs: tuple, names: Optional[Sequence
                  kwargs: Optional[dict] = None) -> Recording:
     """The recording run of region compile (see :mod:`.record`)."""
     if kwargs:
-        call = _KwargsCall(model, kwargs)
-        paths = {k: v for k, v in module_paths(model).items()}
-        rec = record(call, inputs, candidate_paths(model, names), {**paths, id(call): ""})
-        return rec
+        call = KwargsCall(model, kwargs)
+        return record(call, inputs, candidate_paths(model, names), {**module_paths(model), id(call): ""})
     return record(model, inputs, candidate_paths(model, names), module_paths(model))
-
-
-class _KwargsCall(torch.nn.Module):
-    def __init__(self, model, kwargs):
-        super().__init__()
-        self.model = model
-        self.kwargs = kwargs
-
-    def forward(self, *inputs):
-        return self.model(*inputs, **self.kwargs)
 
 
 def compile_regions(model: torch.nn.Module, inputs: tuple, *, names: Optional[Sequence[str]] = None,
                     exclude: Sequence[str] = (), modes: tuple = ("prune",), frontend: str = "auto",
                     leaf_modules=(), allow_inexact: bool = False, kwargs: Optional[dict] = None,
-                    recording: Optional[Recording] = None, cause: Optional[BaseException] = None) -> RegionProgram:
+                    cause: Optional[BaseException] = None) -> RegionProgram:
     """Region compile of ``model`` (see the module docstring); what :func:`fxprune.compile`
     calls when the whole model does not trace, or with ``regions=``/``exclude=``.
 
@@ -141,7 +129,6 @@ def compile_regions(model: torch.nn.Module, inputs: tuple, *, names: Optional[Se
             call (parameters fixed by ``concrete_args``).
         names: the regions to compile (qualified names), or None to find them.
         exclude: qualified names of submodules kept out of every region.
-        recording: a recording of ``model`` already made (:func:`record_model`).
         cause: why the whole model did not trace (quoted if no region is found).
 
     Raises:
@@ -155,10 +142,8 @@ def compile_regions(model: torch.nn.Module, inputs: tuple, *, names: Optional[Se
         raise UnsupportedInputError(f"frontend must be 'auto', 'fx' or 'export', not {frontend!r}")
     exclude = tuple(exclude or ())
     work = unstack_experts(model)
-    if work is not model:
-        recording = None
     with _gc_paused():
-        rec = recording if recording is not None else record_model(work, inputs, names, kwargs)
+        rec = record_model(work, inputs, names, kwargs)
         plan = find_regions(work, rec, module_paths(work), names=names, exclude=exclude, modes=modes,
                             frontend=frontend, leaf_modules=tuple(leaf_modules), allow_inexact=allow_inexact)
     if names is None:

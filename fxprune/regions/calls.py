@@ -214,6 +214,19 @@ def flat_call(inner: torch.nn.Module, spec: CallSpec) -> FlatCall:
     return cls(inner, spec)
 
 
+class KwargsCall(torch.nn.Module):
+    """``module(*inputs, **kwargs)``: a model called as region compile called it (keyword
+    arguments fixed by ``concrete_args``)."""
+
+    def __init__(self, module: torch.nn.Module, kwargs: dict):
+        super().__init__()
+        self.module = module
+        self.kwargs = kwargs
+
+    def forward(self, *inputs):
+        return self.module(*inputs, **self.kwargs)
+
+
 class RegionGraphModule(torch.fx.GraphModule):
     """A region's GraphModule. It takes the place of a submodule in the program's module and is
     called as that submodule was (``backbone(images)``, ``head(features)``); fxprune's passes
@@ -342,7 +355,7 @@ def _fetch(gm: torch.nn.Module, target: str) -> Any:
     return obj
 
 
-__all__ = ["CallSpec", "FlatCall", "flat_call", "rebound_original", "NotFlat", "RegionGraphModule", "region_graph_module", "set_region_call",
+__all__ = ["CallSpec", "FlatCall", "KwargsCall", "flat_call", "rebound_original", "NotFlat", "RegionGraphModule", "region_graph_module", "set_region_call",
            "CONSTANT_TYPES"]
 
 

@@ -17,7 +17,7 @@ from fxprune.ir import Erasable, Group, Slice
 from fxprune.program import Program, check_outputs
 
 from .build import Region
-from .calls import rebound_original, region_graph_module
+from .calls import KwargsCall, rebound_original, region_graph_module
 
 
 def _prefixed(region: str, name: str) -> str:
@@ -152,7 +152,7 @@ class RegionProgram(Program):
         slim = copy.deepcopy(self.module, memo)
         slim.train(self.module.training)
         if verify:
-            full, new = (_Call(self.module, self.call_kwargs), _Call(slim, self.call_kwargs)) if self.call_kwargs \
+            full, new = (KwargsCall(self.module, self.call_kwargs), KwargsCall(slim, self.call_kwargs)) if self.call_kwargs \
                 else (self.module, slim)
             try:
                 check_outputs(full, new, self.example_inputs, rtol)
@@ -245,18 +245,6 @@ class RegionProgram(Program):
         extra = f", erasables={len(self.erasables)}" if "erase" in self.modes else ""
         return (f"RegionProgram({type(self.module).__name__}, regions={len(self.regions)}, groups={len(self.groups)}, "
                 f"prunable={len(self.prunable_groups)}{extra})")
-
-
-class _Call(torch.nn.Module):
-    """``module(*inputs, **kwargs)``: the model called as region compile called it."""
-
-    def __init__(self, module: torch.nn.Module, kwargs: dict):
-        super().__init__()
-        self.module = module
-        self.kwargs = kwargs
-
-    def forward(self, *inputs):
-        return self.module(*inputs, **self.kwargs)
 
 
 def _rename(s: Slice, region: str) -> Slice:
