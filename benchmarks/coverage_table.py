@@ -50,7 +50,7 @@ sys.path.insert(0, str(HERE))
 
 from _runner import run_many, run_worker  # noqa: E402
 
-OUTPUT_REASON = re.compile(r"reaches the model output", re.I)
+OUTPUT_REASON = re.compile(r"reaches the model output|a region boundary", re.I)  # a region's outputs are its boundary
 
 
 # ------------------------------------------------------------------------- worker process
@@ -97,7 +97,10 @@ def judge(model, inputs: tuple, how: str = "random", seed: int = 0, rtol: float 
         prog = fxprune.compile(model, inputs)
         rec["compile_s"] = time.perf_counter() - t0
         groups = prog.groups
-        rec["nodes"] = len(prog.module.graph.nodes)
+        regions = getattr(prog, "regions", None)  # a region program: nodes of every region
+        rec["nodes"] = sum(r.nodes for r in regions) if regions is not None else len(prog.module.graph.nodes)
+        if regions is not None:
+            rec["regions"] = [r.name for r in regions]
         rec["groups"] = len(groups)
         rec["prunable"] = sum(1 for g in groups if g.prunable)
         rec["prunable_exact"] = sum(1 for g in groups if g.prunable and g.exact)

@@ -55,7 +55,14 @@ Model sets:
   of 64 / 96 / 128 / 160 that the model builds and runs at (``img_size`` passed where the
   constructor takes it), else its default configuration's size;
 * ``hf``: the HuggingFace models of ``transformers_sweep.py`` (BERT, GPT-2, Llama with GQA, ViT,
-  T5 encoder; small configs).
+  T5 encoder; small configs);
+* ``detection``: every torchvision detector, ``video``: swin3d_t, mvit_v1_b, raft_small, and
+  ``moe``: HuggingFace Mixtral and Qwen2-MoE, built by ``_region_models.py`` (neither front end
+  traces them whole: fxprune compiles them as regions). Detectors keep the batch-norm statistics
+  that builder calibrates (random ones would saturate into exact score ties) and are compared
+  in float64, where a detector's sort and non-maximum suppression do not turn rounding into
+  other detections; detections are compared in a canonical order (score, label, box) for both
+  tools. RAFT runs in float32 only (its forward casts its coordinate grid to float32).
 
 Usage::
 
@@ -89,15 +96,19 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _runner import run_many, run_worker  # noqa: E402
-from coverage_table import _m, _pct, _short, normalize_reason  # noqa: E402
+from coverage_table import OUTPUT_REASON, _m, _pct, _short, normalize_reason  # noqa: E402
 
-SETS = ("torchvision", "timm", "hf")
+SETS = ("torchvision", "timm", "hf", "detection", "video", "moe")
 QUICK = {
     "torchvision": ["resnet18", "mobilenet_v3_small", "densenet121", "vit_b_16", "lraspp_mobilenet_v3_large"],
     "timm": ["timm/resnet10t", "timm/convnext_atto", "timm/efficientnet_b0", "timm/levit_128s",
              "timm/mobilevit_xxs"],
     "hf": ["hf/bert", "hf/gpt2", "hf/llama"],
+    "detection": ["detection/fasterrcnn_mobilenet_v3_large_320_fpn", "detection/ssdlite320_mobilenet_v3_large"],
+    "video": ["video/swin3d_t"],
+    "moe": ["moe/mixtral", "moe/qwen2_moe"],
 }
+REGION_SETS = ("detection", "video", "moe")  # built by _region_models.py, names prefixed "set/"
 FXPRUNE_CORRECT = ("exact", "partial", "inexact")  # something pruned and the slim model matches
 
 
@@ -154,13 +165,19 @@ def set_names(which: str) -> List[str]:
         return list(_models.ALL)
     if which == "timm":
         return timm_selection()
+    if which in REGION_SETS:
+        import _region_models
+
+        names = {"detection": _region_models.DETECTION, "video": _region_models.VIDEO, "moe": _region_models.MOE}
+        return [f"{which}/{n}" for n in names[which]]
     import transformers_sweep
 
     return [n for n in transformers_sweep.MODELS if n.startswith("hf/")]
 
 
 def set_of(name: str) -> str:
-    return "timm" if name.startswith("timm/") else "hf" if name.startswith("hf/") else "torchvision"
+    prefix = name.split("/", 1)[0] if "/" in name else ""
+    return prefix if prefix in ("timm", "hf") + REGION_SETS else "torchvision"
 
 
 _TIMM_SIDES = (64, 96, 128, 160)
@@ -204,6 +221,13 @@ def build(name: str, seed: int = 0):
     kind = set_of(name)
     if kind == "timm":
         return _build_timm(name.split("/", 1)[1], seed)
+    if kind in REGION_SETS:
+        import _region_models
+
+        from fxprune.program import _normalize_inputs
+
+        model, inputs = _region_models.build(name.split("/", 1)[1], seed=seed)
+        return model, _normalize_inputs(model, inputs)
     if kind == "hf":
         import transformers_sweep
 
@@ -510,7 +534,7 @@ def _fxprune_summary(rec: dict) -> dict:
     details = rec.pop("group_details", [])
     rec.pop("traceback", None)
     reasons = Counter(normalize_reason(g["reason"] or "(no reason)") for g in details
-                      if not (g["prunable"] and g["exact"]) and "model output" not in (g["reason"] or ""))
+                      if not (g["prunable"] and g["exact"]) and not OUTPUT_REASON.search(g["reason"] or ""))
     rec["reasons"] = [f"{n}x {r}" for r, n in reasons.most_common(3)]
     return rec
 
@@ -533,13 +557,20 @@ def worker(name: str, seed: int, rtol: float, tp_time_limit: float, localise_s: 
 
     try:
         model, inputs = build(name, seed)
-        randomize_norms(model, seed)
+        if set_of(name) != "detection":  # detectors keep their calibrated statistics (module docstring)
+            randomize_norms(model, seed)
+        if set_of(name) == "detection":
+            from fxprune.testing import _convert
+
+            model, inputs = model.double(), _convert(inputs, torch.float64)
     except Exception as exc:  # noqa: BLE001
         msg = f"build: {type(exc).__name__}: {_short(str(exc), 600)}"
         rec.update(fxprune={"verdict": "error", "error": msg}, tp={"verdict": "error", "error": msg})
         emit()
         return
-    rec["input"] = list(inputs[0].shape)
+    first = next(t for t in torch.utils._pytree.tree_flatten(inputs)[0] if isinstance(t, torch.Tensor))
+    rec["input"] = list(first.shape)
+    rec["dtype"] = str(first.dtype).replace("torch.", "")
     rec["params_model"] = _models.num_params(model)
 
     rec["fxprune"] = _fxprune_summary(judge(copy.deepcopy(model), inputs, "random", seed, rtol))

@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 # public name -> (submodule, attribute)
 _PUBLIC = {
     **{name: (".errors", name) for name in (
-        "CheckpointError", "ConfigError", "DatasetError", "ExportError", "FxPruneError", "RewriteError",
+        "CheckpointError", "ConfigError", "DatasetError", "ExportError", "FxPruneError", "RegionError", "RewriteError",
         "TraceError", "UnsupportedInputError", "VerificationError")},
     "Erasable": (".ir", "Erasable"), "Group": (".ir", "Group"), "Slice": (".ir", "Slice"),
     "Program": (".program", "Program"), "compile": (".program", "compile"),

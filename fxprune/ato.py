@@ -277,13 +277,15 @@ class ATO:
         self.proximal_start_step = int(round(proximal_start * T))
         self.lmbda_late_step = int(round(lmbda_late_start * T))
 
-        prog.check_construction()  # groups whose removal cannot be built are frozen before training
+        if hasattr(prog, "check_construction"):
+            prog.check_construction()  # groups whose removal cannot be built are frozen before training
         from .distributed import fsdp_root_ready, root_unsharded
 
         fsdp_root_ready(prog)  # FSDP2: the gated copy calls the sharded units, never the root
         with root_unsharded(prog.module):
-            self.gated = insert_gates(prog)
-            self.flops = FlopsModel(prog)
+            # a program gives its own (a region program gates and counts every region)
+            self.gated = prog.gated_module() if hasattr(prog, "gated_module") else insert_gates(prog)
+            self.flops = prog.flops_model() if hasattr(prog, "flops_model") else FlopsModel(prog)
         self._layout = ChannelLayout(prog.module, prog.groups)
         if self.flops.group_ids != self.gated.group_ids or [g.id for g in self._layout.groups] != self.gated.group_ids:
             raise FxPruneError("inconsistent channel orders between gates, FLOPs model and layout")

@@ -53,8 +53,46 @@ def graph_to_dot(gm: torch.fx.GraphModule, groups=None) -> pydot.Dot:
 
 def program_to_dot(prog) -> pydot.Dot:
     dot = graph_to_dot(prog.module, prog.groups)
+    _legend(dot, prog.groups)
+    _draw_erasables(dot, getattr(prog, "erasables", None) or [])
+    return dot
+
+
+def regions_to_dot(prog) -> pydot.Dot:
+    """DOT of a region program (:class:`fxprune.regions.RegionProgram`): one cluster per region
+    with its graph, nodes coloured by the global id of their first group, and the legend of
+    the groups. Node names are ``region:node``."""
+    dot = pydot.Dot("fxprune", graph_type="digraph", rankdir="TB")
+    dot.set_node_defaults(shape="box", style="filled,rounded", fontname="Helvetica", fontsize="10")
+    for ri, r in enumerate(prog.regions):
+        gmap = prog._global_of[ri]
+        cluster = pydot.Cluster(f"region_{ri}", label=_q(f"region {r.name} ({r.frontend}, {r.calls} call"
+                                                          f"{'s' if r.calls != 1 else ''})"), fontname="Helvetica")
+        for node in r.module.graph.nodes:
+            gids = [gmap[g] for g in node.meta.get("fxprune.groups") or [] if g in gmap]
+            color = _FROZEN
+            if gids:
+                g = prog.groups[gids[0]]
+                color = _PALETTE[g.id % len(_PALETTE)] if g.prunable else _FROZEN
+            label = f"{node.name}\\n{node.op} {_target(node)}"
+            shape = _shape(node)
+            if shape:
+                label += f"\\n{shape}"
+            if gids:
+                label += "\\ngroups " + ",".join(map(str, gids[:6])) + ("..." if len(gids) > 6 else "")
+            name = f"{r.name}:{node.name}"
+            cluster.add_node(pydot.Node(_q(name), label=_q(label).replace("\\\\n", "\\n"), fillcolor=color))
+            for inp in node.all_input_nodes:
+                cluster.add_edge(pydot.Edge(_q(f"{r.name}:{inp.name}"), _q(name)))
+        dot.add_subgraph(cluster)
+    _legend(dot, prog.groups)
+    _draw_erasables(dot, getattr(prog, "erasables", None) or [])
+    return dot
+
+
+def _legend(dot: pydot.Dot, groups) -> None:
     legend = pydot.Cluster("legend", label="groups", fontname="Helvetica")
-    for g in prog.groups:
+    for g in groups:
         state = "prunable" if g.prunable else "frozen"
         if not g.exact:
             state += ", inexact"
@@ -65,8 +103,6 @@ def program_to_dot(prog) -> pydot.Dot:
         color = _PALETTE[g.id % len(_PALETTE)] if g.prunable else _FROZEN
         legend.add_node(pydot.Node(_q(f"group_{g.id}"), label=_q(text).replace("\\\\n", "\\n"), fillcolor=color))
     dot.add_subgraph(legend)
-    _draw_erasables(dot, getattr(prog, "erasables", None) or [])
-    return dot
 
 
 def _draw_erasables(dot: pydot.Dot, erasables) -> None:
@@ -111,4 +147,4 @@ def ir_text(gm: torch.fx.GraphModule) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["graph_to_dot", "program_to_dot", "ir_text"]
+__all__ = ["graph_to_dot", "program_to_dot", "regions_to_dot", "ir_text"]

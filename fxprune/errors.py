@@ -85,6 +85,20 @@ class DatasetError(FxPruneError):
     cannot be decoded (the message names the folder or file)."""
 
 
+class RegionError(FxPruneError):
+    """Region compile cannot use a submodule it was asked to (``compile(..., regions=[...])``),
+    or a region's GraphModule is called with inputs other than those it was built for (names
+    the region and the argument)."""
+
+
 class ExportError(FxPruneError):
     """A model could not be written as a torch.export program or an ONNX file (names the node
     where the exporter failed, when it can be found)."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """``"TypeName: first line of the message"`` (just the type name for an empty message),
+    cut to ``limit`` characters: for error messages that quote another error."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text[:limit]

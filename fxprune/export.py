@@ -89,6 +89,9 @@ def export(module: nn.Module, example_inputs: Any, path: str | os.PathLike, form
         raise UnsupportedInputError(f"export format must be one of {', '.join(FORMATS)}, not {format!r}")
     if not isinstance(module, nn.Module):
         raise UnsupportedInputError(f"fxprune.export takes a torch.nn.Module, not {type(module).__name__}")
+    from .regions.calls import refuse_region_model
+
+    refuse_region_model(module, "fxprune.export")
     from fxprune.passes.modes import eval_mode
 
     inputs = _normalize_inputs(module, example_inputs)

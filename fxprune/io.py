@@ -96,6 +96,9 @@ def save(gm: torch.fx.GraphModule, directory: Union[str, os.PathLike]) -> str:
     submodule that the format cannot describe (hooks, a non-JSON attribute, a custom codegen)."""
     from safetensors.torch import save_file
 
+    from .regions.calls import refuse_region_model
+
+    refuse_region_model(gm, "fxprune.save")
     if not isinstance(gm, torch.fx.GraphModule):
         raise UnsupportedInputError(f"fxprune.io.save takes a torch.fx.GraphModule, "
                                     f"not {type(gm).__name__}")

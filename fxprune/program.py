@@ -14,7 +14,7 @@ import torch
 import torch.fx
 from torch.utils._pytree import tree_flatten
 
-from .errors import FxPruneError, UnsupportedInputError, VerificationError
+from .errors import FxPruneError, TraceError, UnsupportedInputError, VerificationError, first_line
 from .ir import Erasable, Group
 
 MODES = ("prune", "erase")
@@ -90,8 +90,17 @@ def _fixed_defaults(model: torch.nn.Module, inputs: tuple, concrete_args) -> Opt
 def compile(model: torch.nn.Module, example_inputs: Any, *, mode: Union[str, Sequence[str]] = "prune",
             leaf_modules: Iterable[Union[type, str]] = (), concrete_args: Optional[Dict[str, Any]] = None,
             tracer: Optional[torch.fx.Tracer] = None, allow_inexact: bool = False,
-            frontend: str = "auto", pipeline=None) -> "Program":
+            frontend: str = "auto", pipeline=None, regions: Optional[Sequence[str]] = None,
+            exclude: Sequence[str] = ()) -> "Program":
     """Trace ``model`` and find its zero-invariant groups.
+
+    A model that neither front end traces whole (data-dependent control flow, detectors'
+    non-maximum suppression, calls that leave torch) is compiled as *regions*: its largest
+    submodules that trace and reproduce their recorded calls, each analysed on its own, with
+    the code between them left as it is (:mod:`fxprune.regions`; the result is a
+    :class:`fxprune.regions.RegionProgram`). Models with stacked mixture-of-experts weights
+    (HuggingFace transformers 5) are compiled as regions too, one per expert
+    (:mod:`fxprune.moe`).
 
     Args:
         model: any ``nn.Module`` torch.fx can trace (or a ``torch.fx.GraphModule``).
@@ -110,12 +119,17 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, mode: Union[str, Seq
             ``torch.export`` when tracing fails or has to keep modules opaque that the
             registry does not know (timm's non-traceable modules).
         pipeline: a :class:`fxprune.passes.Pipeline` to run instead of the default.
+        regions: qualified names of the submodules to compile as regions (region compile with
+            exactly these), instead of the whole model.
+        exclude: qualified names of submodules kept out of every region (region compile).
 
     Returns:
         A :class:`Program` whose ``module`` shares parameters with ``model``.
 
     Raises:
-        fxprune.TraceError: symbolic tracing failed (names module, source line and fixes).
+        fxprune.TraceError: neither the whole model nor any submodule traces (names module,
+            source line and fixes).
+        fxprune.RegionError: a submodule named in ``regions`` cannot be compiled as a region.
         fxprune.UnsupportedInputError: bad ``example_inputs`` or options.
     """
     from fxprune.passes import Pipeline
@@ -126,10 +140,31 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, mode: Union[str, Seq
     inputs = _normalize_inputs(model, example_inputs)
     _check_arity(model, inputs, concrete_args)
     concrete_args = _fixed_defaults(model, inputs, concrete_args)
+    by_regions = regions is not None or bool(exclude)
+    if not by_regions and tracer is None and pipeline is None and frontend == "auto":
+        from fxprune.moe import stacked_experts
+
+        by_regions = bool(stacked_experts(model))
+    if by_regions:
+        if tracer is not None or pipeline is not None:
+            raise UnsupportedInputError("region compile (regions=, exclude=) takes no tracer= or pipeline=")
+        from fxprune.regions import compile_regions
+
+        return compile_regions(model, inputs, names=regions, exclude=exclude, modes=modes, frontend=frontend,
+                               leaf_modules=leaf_modules, allow_inexact=allow_inexact, kwargs=concrete_args)
+    auto = frontend == "auto" and tracer is None and pipeline is None and not isinstance(model, torch.fx.GraphModule)
     clock = _StepClock()
     with _gc_paused():
-        gm = _front_end(model, inputs, frontend, leaf_modules=leaf_modules, concrete_args=concrete_args,
-                        tracer=tracer)
+        try:
+            gm = _front_end(model, inputs, frontend, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                            tracer=tracer)
+        except TraceError as exc:
+            if not auto:
+                raise
+            from fxprune.regions import compile_regions
+
+            return compile_regions(model, inputs, modes=modes, frontend=frontend, leaf_modules=leaf_modules,
+                                   allow_inexact=allow_inexact, kwargs=concrete_args, cause=exc)
         clock.lap("trace")
         pipe = pipeline if pipeline is not None else Pipeline.default(inputs, allow_inexact=allow_inexact)
         if "erase" in modes and "erasable" not in pipe.names():
@@ -180,10 +215,26 @@ def _gc_paused():
             gc.enable()
 
 
-def _front_end(model, inputs, frontend: str, **trace_kwargs) -> torch.fx.GraphModule:
+def _front_end(model, inputs, frontend: str, *, origin: Optional[type] = None, tracer_for=None,
+               dynamic: bool = False, **trace_kwargs) -> torch.fx.GraphModule:
     """Symbolic tracing first (module-level graph, readable code); for timm models that fail,
-    again with timm's registry of non-traceable modules and functions; then torch.export."""
-    from fxprune.passes import export, trace
+    again with timm's registry of non-traceable modules and functions; then torch.export.
+
+    Where the fx graph keeps calls opaque that the op-semantics registry does not know (timm's
+    non-traceable modules, functions hidden from tracing with ``torch.fx.wrap`` or timm's
+    registry), they would freeze their channels; the ATen graph of torch.export sees inside
+    them, so it is taken instead when it exports (``frontend="auto"``).
+
+    ``origin``: the class whose package decides the timm path (default ``type(model)``);
+    ``tracer_for(leaf_modules, timm)``: builds the tracer (default :class:`FxPruneTracer`,
+    timm's tracer for the retry). ``dynamic``: torch.export with symbolic sizes
+    (:func:`fxprune.passes.trace.export`).
+    """
+    from fxprune.passes import trace
+    from fxprune.passes.trace import export as export_static
+
+    def export(m, x):
+        return export_static(m, x, dynamic=dynamic)
     from fxprune.passes.trace import timm_tracer
 
     from .errors import TraceError
@@ -192,32 +243,39 @@ def _front_end(model, inputs, frontend: str, **trace_kwargs) -> torch.fx.GraphMo
         raise UnsupportedInputError(f"frontend must be 'auto', 'fx' or 'export', not {frontend!r}")
     if frontend == "export":
         return export(model, inputs)
+    origin = origin or type(model)
+    if tracer_for is not None and trace_kwargs.get("tracer") is None:
+        trace_kwargs["tracer"] = tracer_for(trace_kwargs.get("leaf_modules", ()), False)
+
+    def prefer_export(gm, opaque):
+        if frontend == "fx" or not opaque:
+            return gm
+        try:
+            return export(model, inputs)
+        except TraceError:
+            return gm
+
     try:
-        return trace(model, **trace_kwargs)
+        gm = trace(model, **trace_kwargs)
     except TraceError as fx_error:
-        if trace_kwargs.get("tracer") is not None:
+        if trace_kwargs.get("tracer") is not None and tracer_for is None:
             raise
-        if type(model).__module__.startswith("timm."):
-            tracer = timm_tracer(trace_kwargs.get("leaf_modules", ()))
+        if origin.__module__.startswith("timm."):
+            leaves = trace_kwargs.get("leaf_modules", ())
+            tracer = tracer_for(leaves, True) if tracer_for is not None else timm_tracer(leaves)
             try:
                 gm = trace(model, concrete_args=trace_kwargs.get("concrete_args"), tracer=tracer)
             except TraceError:
                 pass
             else:
-                # timm's non-traceable modules stay opaque and freeze their channels; the ATen
-                # graph of torch.export sees inside them, so it is preferred when it works
-                if frontend == "fx" or not _opaque_leaves(gm):
-                    return gm
-                try:
-                    return export(model, inputs)
-                except TraceError:
-                    return gm
+                return prefer_export(gm, _opaque_leaves(gm) + _opaque_functions(gm))
         if frontend == "fx":
             raise
         try:
             return export(model, inputs)
         except TraceError as export_error:
             raise TraceError(f"{fx_error}\n\nThe torch.export front end failed too: {export_error}") from fx_error
+    return prefer_export(gm, _opaque_functions(gm))
 
 
 def _opaque_leaves(gm: torch.fx.GraphModule) -> list:
@@ -226,6 +284,17 @@ def _opaque_leaves(gm: torch.fx.GraphModule) -> list:
 
     return [n for n in gm.graph.nodes
             if n.op == "call_module" and REGISTRY.lookup(n, gm.get_submodule(n.target)) is None]
+
+
+def _opaque_functions(gm: torch.fx.GraphModule) -> list:
+    """``call_function`` nodes of functions hidden from symbolic tracing (``torch.fx.wrap``,
+    timm's registry of non-traceable functions) that the op-semantics registry does not know."""
+    from fxprune.passes.registry import REGISTRY
+    from fxprune.passes.trace import wrapped_functions
+
+    hidden = wrapped_functions()
+    return [n for n in gm.graph.nodes if n.op == "call_function" and id(n.target) in hidden
+            and REGISTRY.lookup(n) is None]
 
 
 class Program:
@@ -412,8 +481,6 @@ class Program:
                 nothing recorded by :meth:`zero_`.
             fxprune.RewriteError, fxprune.VerificationError: see :mod:`fxprune.passes.prune_rewrite`.
         """
-        from fxprune.passes import prune_rewrite
-
         meta = self.on_meta
         if keep is not None:
             keep = {gid: m for gid, m in self._check_masks(keep).items() if not m.all()}
@@ -432,24 +499,32 @@ class Program:
         if frozen:
             raise UnsupportedInputError(f"groups {frozen} are frozen and cannot lose channels: "
                                         f"{self.groups[frozen[0]].reason}")
+        erase: List[int] = []
         if "erase" in self.modes:
             if meta:
                 raise UnsupportedInputError("erase mode reads which operators are zero, which tensors on "
                                             "the meta device do not hold; build the slim model from real weights")
-            from fxprune.passes.erase_rewrite import erase_rewrite
-
-            slim = erase_rewrite(self.module, self._erase_set(), keep, self.example_inputs)
-        else:
-            slim = prune_rewrite(self.module, keep, self.example_inputs)
-        copy_training_flags(slim, self._model if self._model is not None else self.module)
+            erase = self._erase_set()
+        slim = self._slim(keep, erase)
         if verify and meta:
             _check_output_shapes(self.module, slim, self.example_inputs)
         elif verify:
-            diff, scale = max_output_difference(self.module, slim, self.example_inputs)
-            if diff > rtol * max(1.0, scale):
-                raise VerificationError(
-                    f"the slim model's output differs from the full model's: max abs difference {diff:.3e} "
-                    f"(max |output| {scale:.3e}, tolerance {rtol:g} relative)")
+            check_outputs(self.module, slim, self.example_inputs, rtol)
+        return slim
+
+    def _slim(self, keep: Mapping[int, np.ndarray], erase: Sequence[int]) -> torch.fx.GraphModule:
+        """The slim GraphModule keeping ``keep[g]`` channels of group ``g`` (groups left out:
+        all) with the erasables ``erase`` deleted, each submodule in the training mode of the
+        user's module of the same name; not verified."""
+        from fxprune.passes import prune_rewrite
+
+        if "erase" in self.modes:
+            from fxprune.passes.erase_rewrite import erase_rewrite
+
+            slim = erase_rewrite(self.module, list(erase), keep, self.example_inputs)
+        else:
+            slim = prune_rewrite(self.module, keep, self.example_inputs)
+        copy_training_flags(slim, self._model if self._model is not None else self.module)
         return slim
 
     def check_construction(self, rtol: float = 1e-4) -> Dict[int, str]:
@@ -522,6 +597,19 @@ class Program:
         if diff > rtol * max(1.0, scale):
             return f"the slim model's output differs by {diff:.3e} (max |output| {scale:.3e})"
         return None
+
+    # ------------------------------------------------------------------ training helpers
+    def gated_module(self):
+        """The gated training module of Auto-Train-Once (:func:`fxprune.passes.gating.insert_gates`)."""
+        from fxprune.passes.gating import insert_gates
+
+        return insert_gates(self)
+
+    def flops_model(self):
+        """FLOPs as a function of the kept channels (:class:`fxprune.flops_model.FlopsModel`)."""
+        from .flops_model import FlopsModel
+
+        return FlopsModel(self)
 
     # ------------------------------------------------------------------ inspection
     def to_dot(self, path: Optional[str] = None) -> str:
@@ -607,7 +695,7 @@ def _run(module: torch.nn.Module, inputs: Sequence) -> list:
 
     with torch.no_grad(), eval_mode(module):
         out = module(*inputs)
-    leaves, _ = tree_flatten(out)
+    leaves, _ = tree_flatten(canonical_detections(out))
     return [x for x in leaves if isinstance(x, torch.Tensor)]
 
 
@@ -620,6 +708,43 @@ def _sharded(module: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in module.parameters())
 
 
+def canonical_detections(out: Any) -> Any:
+    """Detections (torchvision's format: a list of dicts with ``boxes [N, 4]``, ``scores [N]``,
+    ``labels [N]`` and other per-detection tensors) in a canonical order: decreasing score
+    (rounded to 1e-8), then label, then box. A detector sorts by score only and leaves
+    detections of equal score in an order that the last bit of rounding decides (random
+    weights give many exact ties); two models that compute the same detections then compare
+    box by box. Anything else is returned as it is."""
+    if not (isinstance(out, (list, tuple)) and out and all(
+            isinstance(d, dict) and {"boxes", "scores"} <= set(d) for d in out)):
+        return out
+    canon = []
+    for d in out:
+        scores, boxes = d["scores"], d["boxes"]
+        n = scores.shape[0] if scores.dim() else 0
+        if n < 2 or boxes.shape[:1] != (n,):
+            canon.append(d)
+            continue
+        labels = d.get("labels")
+        keys = [(-round(float(s), 8), int(labels[i]) if labels is not None else 0,
+                 tuple(round(float(v), 4) for v in boxes[i].reshape(-1))) for i, s in enumerate(scores)]
+        order = torch.tensor(sorted(range(n), key=keys.__getitem__), device=scores.device)
+        canon.append({k: v.index_select(0, order) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n
+                      else v for k, v in d.items()})
+    return type(out)(canon)
+
+
+def check_outputs(full: torch.nn.Module, slim: torch.nn.Module, inputs: Sequence, rtol: float, what: str = "") -> None:
+    """Raise :class:`fxprune.VerificationError` unless the slim model's outputs equal the full
+    model's on ``inputs`` (eval mode): max abs difference at most ``rtol * max(1, max |full
+    output|)``, the same shapes, integer outputs equal."""
+    diff, scale = max_output_difference(full, slim, inputs)
+    if diff > rtol * max(1.0, scale):
+        raise VerificationError(
+            f"the slim {what or 'model'}'s output differs from the full {what or 'model'}'s: max abs difference "
+            f"{diff:.3e} (max |output| {scale:.3e}, tolerance {rtol:g} relative)")
+
+
 def max_output_difference(full: torch.nn.Module, slim: torch.nn.Module, inputs: Sequence):
     """``(max abs difference, max |full output|)`` over all output tensors, in eval mode."""
     a = _run(full, inputs)
@@ -627,8 +752,7 @@ def max_output_difference(full: torch.nn.Module, slim: torch.nn.Module, inputs: 
         b = _run(slim, inputs)
     except Exception as e:  # noqa: BLE001 - any failure of the rewritten graph is reported alike
         raise VerificationError(
-            f"the slim model fails on the example inputs ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:300]}); a constant of an op that depends on a channel "
+            f"the slim model fails on the example inputs ({first_line(e)}); a constant of an op that depends on a channel "
             f"count was not recomputed by the rewrite") from e
     if len(a) != len(b):
         raise VerificationError(f"the slim model returns {len(b)} tensors, the full model {len(a)}")

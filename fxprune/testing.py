@@ -26,7 +26,7 @@ class EquivalenceResult:
     params_slim: int
     zeroed_channels: int
     prog: Program
-    slim: torch.fx.GraphModule
+    slim: torch.nn.Module
 
 
 @torch.no_grad()
@@ -48,6 +48,52 @@ def randomize_norms(model: torch.nn.Module, seed: int = 0) -> None:
             t = getattr(m, name, None)
             if isinstance(t, torch.Tensor):
                 t.copy_((torch.randn(t.shape, generator=g) * scale + shift).to(t))
+
+
+@torch.no_grad()
+def calibrate_norms(model: torch.nn.Module, *inputs: Any, seed: int = 0, call=None) -> None:
+    """Batch-norm running statistics measured on ``inputs`` and random affine parameters.
+
+    The model runs once in eval mode with only its batch norms in training mode (cumulative
+    averages, ``momentum=None``), so each norm's statistics are those of the data it sees; its
+    weight and bias are then drawn from N(1, 0.2^2) and N(0, 0.2^2). Activations of a random
+    network then keep their scale through depth, instead of saturating into features that are
+    constant over space (whose exact ties make a detector's detections depend on the last bit
+    of rounding). ``call(model, *inputs)`` runs the model (default ``model(*inputs)``); a norm
+    that sees a single value per channel keeps its statistics.
+    """
+    g = torch.Generator().manual_seed(seed)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    flags = [(m, m.training) for m in model.modules()]
+    saved = [(m, m.momentum) for m in norms]
+    model.eval()
+    skip = set()
+
+    def check(m, args):
+        x = args[0]
+        if x.numel() // max(1, x.shape[1]) < 2:
+            skip.add(m)
+            m.eval()
+
+    handles = [m.register_forward_pre_hook(check) for m in norms]
+    try:
+        for m in norms:
+            if m.track_running_stats:
+                m.reset_running_stats()
+                m.momentum = None
+                m.train()
+        (call or (lambda mod, *a: mod(*a)))(model, *inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, momentum in saved:
+            m.momentum = momentum
+        for m, flag in flags:
+            m.training = flag
+    for m in norms:
+        if m.affine:
+            m.weight.copy_((1 + 0.2 * torch.randn(m.weight.shape, generator=g)).to(m.weight))
+            m.bias.copy_((0.2 * torch.randn(m.bias.shape, generator=g)).to(m.bias))
 
 
 def _convert(x: Any, dtype: torch.dtype) -> Any:
@@ -78,16 +124,21 @@ def random_masks(prog: Program, seed: int = 0, frac: Tuple[float, float] = (0.3,
 
 def check_equivalence(model: torch.nn.Module, example_inputs: Any, *, seed: int = 0,
                       frac: Tuple[float, float] = (0.3, 0.5), dtype: torch.dtype = torch.float64,
-                      rtol: float = 1e-6, require_smaller: bool = True, **compile_kwargs) -> EquivalenceResult:
+                      rtol: float = 1e-6, require_smaller: bool = True, randomize: bool = True,
+                      **compile_kwargs) -> EquivalenceResult:
     """Zero random channels, construct, and assert the slim model equals the zeroed full one.
 
     The model is copied (the caller's is untouched), converted to ``dtype`` and put in eval
-    mode. Raises ``AssertionError`` if ``max |slim - full| > rtol * max |full|`` or, with
+    mode; ``randomize`` draws random normalisation statistics (:func:`randomize_norms`; pass
+    False for a model whose statistics were set already, e.g. by :func:`calibrate_norms`).
+    Detections are compared in a canonical order (:func:`fxprune.program.canonical_detections`).
+    Raises ``AssertionError`` if ``max |slim - full| > rtol * max |full|`` or, with
     ``require_smaller``, if the slim model is not strictly smaller while some group was zeroed.
     """
     model = copy.deepcopy(model).to(dtype).eval()
     inputs = _convert(_normalize_inputs(model, example_inputs), dtype)
-    randomize_norms(model, seed)
+    if randomize:
+        randomize_norms(model, seed)
     prog = compile(model, inputs, **compile_kwargs)
     masks = random_masks(prog, seed, frac)
     prog.zero_(masks)

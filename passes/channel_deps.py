@@ -31,6 +31,7 @@ from .rule_context import Analysis, RuleContext, _flatten_tc
 
 META_CHANNELS = "fxprune.channels"
 META_OP = "fxprune.op"
+META_OUTPUT_REASON = "fxprune.output_reason"  # why the outputs are frozen, if not the model's (a region's)
 
 
 def canonical_names(gm: torch.nn.Module) -> Dict[str, str]:
@@ -53,7 +54,7 @@ def walk(gm: torch.fx.GraphModule, registry: Registry = REGISTRY) -> Analysis:
             tensor = lookup.tensor(node.target)
             out = ctx.attr_channels(name, tensor) if tensor is not None else None
         elif node.op == "output":
-            ctx.pin_all(_channels_of(an, node.args[0]), "reaches the model output")
+            ctx.pin_all(_channels_of(an, node.args[0]), gm.meta.get(META_OUTPUT_REASON, "reaches the model output"))
             out = None
         else:
             spec = node.meta[META_SPEC] if META_SPEC in node.meta else registry.lookup(node, ctx.module)

@@ -18,6 +18,7 @@ from .ops_nn import (_dim0, conv_channels, embedding_channels, functional_norm_c
                      rewrite_conv_groups_arg)
 from .ops_tensor import _pieces, elementwise_channels, index_channels, matmul_channels
 from .registry import REGISTRY, OpSpec, register_function
+from .size_flow import record_size
 
 aten = torch.ops.aten
 
@@ -277,3 +278,34 @@ def _unbind(ctx):
 def _assertion(ctx):
     """Shape and dtype checks that torch.export leaves in the graph: they read no values."""
     return None
+
+
+# ---------------------------------------------------------------------------- symbolic sizes
+# (torch.export with dynamic dims: a size read from a tensor is a node, as ``x.size(d)`` is in a
+# symbolic trace)
+
+
+@register_function(torch.ops.aten.sym_size.int, selects=True, name="metadata")
+def _sym_size(ctx):
+    x = _tc(ctx, ctx.arg(0))
+    record_size(ctx, x, norm_dim(ctx.arg(1, "dim"), x.ndim) if x is not None else 0)
+    return None
+
+
+@register_function(torch.ops.aten.sym_numel.default, selects=True, name="metadata")
+def _sym_numel(ctx):
+    record_size(ctx, _tc(ctx, ctx.arg(0)), None)
+    return None
+
+
+# ---------------------------------------------------------------------------- 1-d and 3-d pooling
+# (video models through torch.export: swin3d's and MViT's pooling)
+
+for _fn, _names in ((F.adaptive_avg_pool3d, ("adaptive_avg_pool3d", "_adaptive_avg_pool3d")),
+                    (F.avg_pool3d, ("avg_pool3d",)), (F.max_pool3d, ("max_pool3d",)),
+                    (F.adaptive_avg_pool1d, ("adaptive_avg_pool1d",)), (F.avg_pool1d, ("avg_pool1d",)),
+                    (F.max_pool1d, ("max_pool1d",))):
+    for _name in _names:
+        _ov = getattr(getattr(aten, _name, None), "default", None)
+        if _ov is not None and _ov not in REGISTRY.functions and _fn in REGISTRY.functions:
+            REGISTRY.functions[_ov] = REGISTRY.functions[_fn]

@@ -28,7 +28,11 @@ def _sdpa(ctx):
     q, k, v = (_tc(ctx, ctx.arg(i, n)) for i, n in ((0, "query"), (1, "key"), (2, "value")))
     if q is None or k is None or v is None or min(q.ndim, k.ndim, v.ndim) < 2:
         return ctx.unknown("attention over non-tensor inputs")
-    if ctx.arg(None, "enable_gqa", False) or not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2]):
+    if ctx.arg(7, "enable_gqa", False):
+        k, v = _gqa_expanded(q, k), _gqa_expanded(q, v)
+        if k is None or v is None:
+            return ctx.unknown("grouped-query attention whose query heads are not a multiple of the key/value heads")
+    if not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2]):
         return ctx.unknown("grouped-query attention (head counts differ)")
     mask = _tc(ctx, ctx.arg(3, "attn_mask", None))
     scale = ctx.arg(6, "scale", None)
@@ -69,6 +73,28 @@ def _sdpa(ctx):
             dims.append(None)
     dims += [q.dims[-2], v.dims[-1]]
     return TensorChannels(tuple(out_shape), dims)
+
+
+def _gqa_expanded(q: TensorChannels, kv: TensorChannels) -> Optional[TensorChannels]:
+    """``enable_gqa=True``: key/value head ``h`` serves query heads ``h*g .. h*g+g-1`` (``g`` =
+    query heads / key-value heads), as if repeated ``g`` times in place along the head dim
+    (-3). Its track is repeated the same way, so unifying heads makes each query group one
+    channel with its key/value head: pruned whole, the ratio ``g`` stays and ``enable_gqa``
+    still holds."""
+    if q.ndim < 3 or kv.ndim != q.ndim or q.shape[:-3] != kv.shape[:-3]:
+        return None
+    hq, hkv = q.shape[-3], kv.shape[-3]
+    if hq == hkv:
+        return kv
+    if hkv == 0 or hq % hkv:
+        return None
+    g = hq // hkv
+    t = kv.dims[-3]
+    dims = list(kv.dims)
+    dims[-3] = None if t is None else Track(np.repeat(t.units, g), np.repeat(t.state, g))
+    shape = list(kv.shape)
+    shape[-3] = hq
+    return TensorChannels(tuple(shape), dims)
 
 
 def _rewrite_rmsnorm(rctx) -> None:

@@ -524,7 +524,7 @@ _ZERO_PRESERVING_FUNCTIONS = [
 ]
 _ZERO_PRESERVING_METHODS = [
     "relu", "relu_", "tanh", "tanh_", "abs", "neg", "square", "sin", "sqrt", "sign", "erf",
-    "contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "to", "type", "type_as", "cpu",
+    "contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "to", "type", "cpu",
     "cuda", "requires_grad_",
 ]
 _CONST_FUNCTIONS = [torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus, F.logsigmoid, torch.exp, torch.cos,
@@ -833,3 +833,61 @@ if _timm_norm_act is not None:
         _cls = getattr(_timm_norm_act, _cls_name, None)
         if _cls is not None and _base is not None:
             register_module(_cls, name=f"{_cls_name}", rewrite=_rewrite)(_norm_act(_base))
+
+
+# ============================================================================ ATen instance norm, weight norm
+
+
+@register_function(torch.ops.aten.instance_norm.default, name="instance_norm")
+def _aten_instance_norm(ctx):
+    """``aten.instance_norm(input, weight, bias, running_mean, running_var, use_input_stats, ...)``
+    (the ATen form of ``F.instance_norm``, whose arguments come in another order): statistics
+    per sample and channel, so channels stay separate (RAFT's encoders)."""
+    weight, bias, mean, var = (_dim0(ctx, ctx.arg(i, None, None)) for i in (1, 2, 3, 4))
+    return functional_norm_channels(ctx, _x(ctx), mean, var, weight, bias,
+                                    uses_stats=not ctx.arg(5, "use_input_stats", True))
+
+
+def _feeds_conv_kernel(node) -> bool:
+    """Every user reads the value as a convolution's weight (argument 1)."""
+    convs = (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+             torch.ops.aten.convolution.default, torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default,
+             torch.ops.aten.conv3d.default)
+    users = [u for u in node.users]
+    if len(users) == 1 and users[0].op == "call_function" and users[0].target is operator.getitem:
+        users = list(users[0].users)
+    return bool(users) and all(u.op == "call_function" and u.target in convs and len(u.args) > 1 and u.args[1] is node
+                               or (u.op == "call_function" and u.target is operator.getitem) for u in users)
+
+
+@register_function(torch._weight_norm, torch.ops.aten._weight_norm.default,
+                   torch.ops.aten._weight_norm_interface.default, name="weight_norm")
+def _weight_norm(ctx):
+    """``_weight_norm(v, g, dim) = g * v / ||v||`` with the norm over every dim but ``dim``
+    (``torch.nn.utils.parametrizations.weight_norm``, wav2vec2's positional convolution).
+
+    The weight keeps ``v``'s channels. ``g`` scales dim ``dim`` position by position (the same
+    channels; not channels at all when ``dim`` is a convolution's kernel). A removed output row
+    (dim 0) of ``v`` is zero, so it leaves every norm unchanged; removing positions of any other
+    dim (input channels) changes the norm of what remains: those channels are inexact."""
+    v = ctx.ch(ctx.arg(0, "v"))
+    g = ctx.ch(ctx.arg(1, "g"))
+    if not isinstance(v, TensorChannels) or not isinstance(g, TensorChannels) or g.ndim != v.ndim:
+        return ctx.unknown("weight norm of computed tensors")
+    d = norm_dim(ctx.arg(2, "dim", 0), v.ndim)
+    if d >= 2 and _feeds_conv_kernel(ctx.node):
+        ctx.not_channels(g.dims[d])
+    else:
+        ctx.unify(v.dims[d], g.dims[d], reason="scaled by a weight-norm magnitude that carries no channels")
+    for e, t in enumerate(v.dims):
+        if e not in (0, d) and t is not None:
+            ctx.inexact(t, "normalised together by a weight norm (the norm changes when positions of this dim "
+                           "are removed)")
+    for e, t in enumerate(g.dims):
+        if e != d and t is not None:
+            ctx.pin(t, "a weight-norm magnitude broadcast over a dimension")
+    out = TensorChannels(v.shape, list(v.dims))
+    if ctx.node.target is torch.ops.aten._weight_norm_interface.default:
+        metas = ctx.node.meta.get("tensor_meta")
+        return (out, TensorChannels(tuple(metas[1].shape), [None] * len(metas[1].shape)))
+    return out

@@ -907,3 +907,168 @@ def _matmul(ctx):
     if a is None or b is None or a.ndim < 2 or b.ndim < 2:
         return ctx.unknown("matrix product of vectors")
     return matmul_channels(ctx, a, b, ctx.out_shape)
+
+
+# ============================================================================ repeats, windows, top-k, dtype reads
+# (ops found without a rule on detectors, mixture-of-experts routers, Gemma, DeBERTa, XCiT,
+# HaloNet and RAFT; each states what a removed channel does through it)
+
+
+@register_method("type_as", selects=True, name="type_as")
+@register_function(getattr(torch.ops.aten, "type_as", None) and torch.ops.aten.type_as.default, selects=True,
+                   name="type_as")
+def _type_as(ctx):
+    """``x.type_as(other)``: ``x`` converted to ``other``'s dtype. Only ``other``'s dtype is read,
+    so its channels are neither linked nor dropped."""
+    x = _tc(ctx, ctx.arg(0, "input"))
+    return x if x is not None else ctx.out_untracked()
+
+
+def state_reciprocal_map(state: np.ndarray) -> np.ndarray:
+    """f(0) = inf (``rsqrt``, ``reciprocal``): a zero becomes unknown, a constant stays one."""
+    return np.where(state == CONST, CONST, ANY).astype(np.int8)
+
+
+@register_function(torch.rsqrt, torch.reciprocal, torch.ops.aten.rsqrt.default, torch.ops.aten.reciprocal.default,
+                   name="reciprocal")
+@register_method("rsqrt", "rsqrt_", "reciprocal", "reciprocal_", name="reciprocal")
+def _reciprocal(ctx):
+    """``rsqrt``/``reciprocal`` elementwise: channels pass through; a zeroed channel becomes
+    infinite (unknown), a constant stays constant (``rsqrt(mean(x**2) + eps)`` of an RMS norm)."""
+    x = _tc(ctx, ctx.arg(0, "input"))
+    if x is None:
+        return ctx.unknown("reciprocal of a value fxprune cannot follow")
+    return x.map_state(state_reciprocal_map)
+
+
+def _repeat_sizes(ctx) -> List[int]:
+    node = ctx.node
+    rest = list(node.args[1:])
+    if len(rest) == 1 and isinstance(rest[0], (list, tuple, torch.Size)):
+        rest = list(rest[0])
+    if not rest:
+        rest = list(node.kwargs.get("repeats", node.kwargs.get("sizes", ())))
+    return rest
+
+
+@register_method("repeat", name="repeat")
+@register_function(torch.ops.aten.repeat.default, name="repeat")
+def _repeat(ctx):
+    """``x.repeat(*r)``: dim ``d`` tiled ``r[d]`` times (leading dims added for extra repeats).
+    The copies of a channel are the same element, so it is removed from every copy and the
+    repeat counts stay valid."""
+    x = _tc(ctx, ctx.arg(0, "input"))
+    reps = _repeat_sizes(ctx)
+    if x is None or not all(isinstance(r, int) for r in reps) or len(reps) < x.ndim:
+        return ctx.unknown("repeat with computed counts")
+    lead = len(reps) - x.ndim
+    dims: List[Optional[Track]] = [None] * lead
+    for d, t in enumerate(x.dims):
+        r = reps[lead + d]
+        dims.append(t if t is None or r == 1 else Track(np.tile(t.units, r), np.tile(t.state, r)))
+    return TensorChannels(ctx.out_shape, dims)
+
+
+def _rewrite_repeat_interleave(rctx) -> None:
+    """An ATen ``repeat_interleave`` may carry the output size: recompute it."""
+    x = rctx.ch(rctx.node.args[0])
+    d = rctx.arg(2, "dim", None)
+    if d is None or x.dims[norm_dim(d, x.ndim)] is None or rctx.arg(3, "output_size", None) is None:
+        return
+    rctx.set_arg(3, "output_size", rctx.new_shape(rctx.out_ch)[norm_dim(d, x.ndim)])
+
+
+@register_function(torch.repeat_interleave, torch.ops.aten.repeat_interleave.self_int, name="repeat_interleave",
+                   rewrite=_rewrite_repeat_interleave)
+@register_method("repeat_interleave", name="repeat_interleave")
+def _repeat_interleave(ctx):
+    """``repeat_interleave(x, r, dim)`` with an integer ``r``: each position of ``dim`` repeated
+    ``r`` times in place (grouped-query attention's key/value heads, DeBERTa). Without ``dim``
+    the tensor is flattened first; a tensor of counts has a data-dependent size."""
+    x = _tc(ctx, ctx.arg(0, "input"))
+    r = ctx.arg(1, "repeats")
+    dim = ctx.arg(2, "dim", None)
+    if isinstance(r, torch.fx.Node) and "tensor_meta" not in r.meta and dim is not None and x is not None:
+        d = norm_dim(dim, x.ndim)  # a count read from a size (``x.shape[0]``): shape propagation gives it
+        r = ctx.out_shape[d] // x.shape[d] if x.shape[d] else None
+    if x is None or not isinstance(r, int):
+        return ctx.unknown("repeat_interleave with a tensor of counts")
+    if dim is None:
+        if x.ndim == 1 and x.dims[0] is not None:
+            t = x.dims[0]
+            return TensorChannels(ctx.out_shape, [Track(np.repeat(t.units, r), np.repeat(t.state, r))])
+        return ctx.unknown("repeat_interleave of a flattened tensor")
+    d = norm_dim(dim, x.ndim)
+    dims = list(x.dims)
+    if dims[d] is not None:
+        dims[d] = Track(np.repeat(dims[d].units, r), np.repeat(dims[d].state, r))
+    return TensorChannels(ctx.out_shape, dims)
+
+
+def _rewrite_tensor_split(rctx) -> None:
+    """Recompute the split points as indices (``sections`` would now cut elsewhere)."""
+    x = rctx.ch(rctx.node.args[0])
+    d = norm_dim(rctx.arg(2, "dim", 0), x.ndim)
+    if x.dims[d] is None:
+        return
+    sizes = [rctx.new_shape(p)[d] for p in rctx.out_ch]
+    indices = list(np.cumsum(sizes[:-1]).tolist())
+    node = rctx.node
+    if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        node.target = torch.ops.aten.tensor_split.indices
+    node.args = (node.args[0], indices, d)
+    node.kwargs = {}
+
+
+@register_function(torch.tensor_split, *[getattr(torch.ops.aten.tensor_split, n) for n in ("sections", "indices")],
+                   selects=True, name="tensor_split", rewrite=_rewrite_tensor_split)
+@register_method("tensor_split", selects=True, name="tensor_split", rewrite=_rewrite_tensor_split)
+def _tensor_split(ctx):
+    """``tensor_split(x, sections or indices, dim)``: pieces of ``dim`` (sizes from shape
+    propagation); the rewrite gives the new split points."""
+    x = _tc(ctx, ctx.arg(0, "input"))
+    if x is None or not isinstance(ctx.arg(1, "indices_or_sections", 0), (int, list, tuple)):
+        return ctx.unknown("tensor_split at computed points")
+    d = norm_dim(ctx.arg(2, "dim", 0), x.ndim)
+    return _pieces(ctx, x, d, _out_sizes(ctx, d))
+
+
+@register_function(torch.topk, torch.ops.aten.topk.default, name="topk")
+@register_method("topk", name="topk")
+def _topk(ctx):
+    """``topk(x, k, dim)`` -> (values, indices). The ``k`` positions taken along ``dim`` depend
+    on the values, so channels there are frozen (a mixture-of-experts router's experts); every
+    other dim passes through, zero where ``x`` is (values) or unknown (indices)."""
+    x = _tc(ctx, ctx.arg(0, "input"))
+    if x is None:
+        return ctx.unknown("top-k of a value fxprune cannot follow")
+    d = norm_dim(ctx.arg(2, "dim", -1), x.ndim)
+    ctx.pin(x.dims[d], "top-k picks positions of this dimension by value")
+    dims = [None if k == d else t for k, t in enumerate(x.dims)]
+    metas = ctx.node.meta.get("tensor_meta")
+    shape = tuple(metas[0].shape)
+    values = TensorChannels(shape, list(dims))
+    indices = TensorChannels(shape, [None if t is None else t.with_state(ANY) for t in dims])
+    return (values, indices)
+
+
+@register_function(torch.ops.aten.clamp.Tensor, name="clamp")
+def _clamp_tensor(ctx):
+    """``clamp(x, min, max)`` with tensor bounds: elementwise over ``x`` and the bounds; a zeroed
+    channel stays zero only where its bounds are zero too (else it becomes a bound)."""
+    operands = [v for v in (ctx.arg(0, "self"), ctx.arg(1, "min", None), ctx.arg(2, "max", None)) if v is not None]
+    return elementwise_channels(ctx, operands, "add")
+
+
+@register_method("unfold", name="unfold")
+@register_function(torch.ops.aten.unfold.default, name="unfold")
+def _unfold(ctx):
+    """``x.unfold(dim, size, step)``: windows along ``dim`` become a new last dim. Windows over
+    channels would mix them (frozen); other dims pass through."""
+    x = _tc(ctx, ctx.arg(0, "input"))
+    if x is None:
+        return ctx.unknown("unfold of a value fxprune cannot follow")
+    d = norm_dim(ctx.arg(1, "dimension"), x.ndim)
+    ctx.pin(x.dims[d], "unfolded into sliding windows")
+    dims = [None if k == d else t for k, t in enumerate(x.dims)] + [None]
+    return TensorChannels(ctx.out_shape, dims)

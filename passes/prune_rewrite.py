@@ -124,6 +124,7 @@ def prune_rewrite(gm: torch.fx.GraphModule, keep: Mapping[int, np.ndarray],
             raise
         except Exception as exc:
             raise RewriteError(f"rewrite '{spec.name}' failed: {type(exc).__name__}: {exc}", node) from exc
+    _drop_stale_assertions(new, ca, alive)
     for node in new.graph.nodes:
         for k in [k for k in node.meta if k.startswith("fxprune") or k == "tensor_meta"]:
             del node.meta[k]
@@ -131,6 +132,35 @@ def prune_rewrite(gm: torch.fx.GraphModule, keep: Mapping[int, np.ndarray],
     new.graph.lint()
     new.recompile()
     return new
+
+
+ASSERTIONS = tuple(t for t in (torch._assert, getattr(torch, "_assert_async", None),
+                               getattr(torch.ops.aten, "_assert_scalar", None) and torch.ops.aten._assert_scalar.default,
+                               getattr(torch.ops.aten, "_assert_async", None) and torch.ops.aten._assert_async.msg)
+                   if t is not None)
+
+
+def _drop_stale_assertions(gm: torch.fx.GraphModule, ca: ChannelAnalysis, alive: np.ndarray) -> None:
+    """Delete assertions whose condition is computed from a channel count that the rewrite
+    changed (EvoNorm's ``torch._assert(C % groups == 0)``): they checked the full model's
+    sizes, which the slim model no longer has, and the graph's other constants on those sizes
+    are recomputed from the symbolic shapes. An assertion computes nothing the graph uses."""
+    sizes = ca.analysis.sizes
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in ASSERTIONS or node.users:
+            continue
+        tracks = _size_tracks(sizes.get(node.name)) + [t for a in node.all_input_nodes
+                                                      for t in _size_tracks(sizes.get(a.name))]
+        if any(not alive[t.units].all() for t in tracks):
+            gm.graph.erase_node(node)
+
+
+def _size_tracks(value) -> list:
+    if isinstance(value, Track):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _size_tracks(v)]
+    return []
 
 
 def _slice_tensors(gm: torch.fx.GraphModule, ca: ChannelAnalysis, alive: np.ndarray) -> None:

@@ -108,6 +108,15 @@ class RecordShapes(torch.fx.Interpreter):
             self._attrs[target] = super().fetch_attr(target)
         return self._attrs[target]
 
+    def fetch_args_kwargs_from_env(self, n: torch.fx.Node):
+        """The node's arguments, with torch.fx's immutable lists and dicts as plain ones: the
+        generated code passes plain ones, and a wrapped function may edit its argument in place
+        (torchvision's 3-D Swin does)."""
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        if n.op == "call_function":
+            args, kwargs = _mutable(args), _mutable(kwargs)
+        return args, kwargs
+
     def run_node(self, n: torch.fx.Node) -> Any:
         result = super().run_node(n)
         self._describe.record(n, result)
@@ -142,8 +151,11 @@ class MetaShapes:
         self.real_nodes: List[str] = []
 
     # ------------------------------------------------------------------ the walk
-    def run(self) -> None:
+    def run(self) -> Any:
+        """Record every node's metadata; returns the graph's output (meta tensors where the
+        values were not needed)."""
         args_iter = iter(self.inputs)
+        result = None
         env, abstract, record = self.env, self.abstract, self.describe.record
         for node in self.nodes:
             op = node.op
@@ -159,7 +171,7 @@ class MetaShapes:
             if op == "get_attr":
                 value = self.real[node] = self.lookup_attr(node.target)
             elif op == "output":
-                value = map_arg(node.args[0], env.__getitem__)
+                value = result = map_arg(node.args[0], env.__getitem__)
             else:
                 args = map_arg(node.args, env.__getitem__)
                 kwargs = map_arg(node.kwargs, env.__getitem__)
@@ -171,6 +183,7 @@ class MetaShapes:
                 abstract.add(node)
             env[node] = value
             record(node, value)
+        return result
 
     def lookup_attr(self, target: str) -> Any:
         tensor = self.lookup.tensor(target)
@@ -183,9 +196,10 @@ class MetaShapes:
 
     # ------------------------------------------------------------------ one node
     def _call(self, node: torch.fx.Node, args: tuple, kwargs: dict) -> Any:
-        """Run the node's op as torch.fx's Interpreter would."""
+        """Run the node's op as torch.fx's Interpreter would (plain lists and dicts for a
+        function, which may edit its argument in place: see :meth:`RecordShapes.fetch_args_kwargs_from_env`)."""
         if node.op == "call_function":
-            return node.target(*args, **kwargs)
+            return node.target(*_mutable(args), **_mutable(kwargs))
         if node.op == "call_method":
             self_obj, *rest = args
             return getattr(self_obj, node.target)(*rest, **kwargs)
@@ -420,19 +434,32 @@ class ShapePropPass(PassBase):
         self.real = real
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        self.propagate(gm)
+        return PassResult(gm, False)
+
+    def propagate(self, gm: torch.fx.GraphModule) -> Any:
+        """Record the metadata; returns the graph's outputs on the example inputs (holding meta
+        tensors unless ``real``)."""
         try:
             with torch.no_grad(), eval_mode(gm):
                 if detect_fake_mode() is not None:  # under an active fake mode (torch.compile tracing)
-                    ShapeProp(gm).propagate(*self.example_inputs)
-                elif self.real:
-                    RecordShapes(gm).run(*self.example_inputs)
-                else:
-                    MetaShapes(gm, self.example_inputs).run()
+                    return ShapeProp(gm).propagate(*self.example_inputs)
+                if self.real:
+                    return RecordShapes(gm).run(*self.example_inputs)
+                return MetaShapes(gm, self.example_inputs).run()
         except Exception as exc:
             raise UnsupportedInputError(
                 f"the model does not run on the example inputs "
                 f"({', '.join(_describe(x) for x in self.example_inputs)}): {type(exc).__name__}: {exc}") from exc
-        return PassResult(gm, False)
+
+
+def _mutable(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        items = [_mutable(x) for x in v]
+        return items if isinstance(v, list) else (type(v)(*items) if hasattr(v, "_fields") else tuple(items))
+    if isinstance(v, dict):
+        return {k: _mutable(x) for k, x in v.items()}
+    return v
 
 
 def _describe(x) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import linecache
+import logging
 import math
 import os
 import traceback
@@ -61,6 +62,21 @@ def functions_to_trace_through() -> Tuple[Callable, ...]:
                  if callable(getattr(swin_transformer, n, None)))
 
 
+def wrapped_functions() -> set:
+    """``id`` of every function hidden from symbolic tracing: registered with ``torch.fx.wrap``
+    (torchvision's ``_unsqueeze``, ``roi_align`` ...) or in timm's registry of non-traceable
+    functions. Symbolic tracing records a call to one as a single opaque node."""
+    from torch.fx import _symbolic_trace
+
+    ids = {id(g.get(name)) for (_, name), g in getattr(_symbolic_trace, "_wrapped_fns_to_patch", {}).items()
+           if g.get(name) is not None}
+    try:
+        from timm.models._features_fx import get_notrace_functions
+    except ImportError:
+        return ids
+    return ids | {id(f) for f in get_notrace_functions()}
+
+
 class OpaqueFunctionError(RuntimeError):
     """A call to a function of :func:`functions_to_trace_through` met during symbolic tracing."""
 
@@ -96,6 +112,11 @@ class FxPruneTracer(torch.fx.Tracer):
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or isinstance(m, self.leaf_types):
             return True
+        if torch.nn.utils.parametrize.is_parametrized(m) or isinstance(m, torch.nn.utils.parametrize.ParametrizationList) \
+                or ".parametrizations." in f".{module_qualified_name}":
+            # its weight is computed (weight norm, spectral norm): traced through, so the graph
+            # reads the real parameters and the computation has its own rule
+            return False
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
@@ -211,19 +232,40 @@ def _inline_concrete(graph: torch.fx.Graph, concrete_args: Dict[str, Any], names
         graph.erase_node(node)
 
 
-def export(model: torch.nn.Module, example_inputs: tuple) -> torch.fx.GraphModule:
+def export(model: torch.nn.Module, example_inputs: tuple, dynamic: bool = False) -> torch.fx.GraphModule:
     """Second front end: ``torch.export`` (non-strict) to an ATen-level GraphModule, for models
     symbolic tracing cannot take (HuggingFace transformers 5, which has no fx tracer).
 
     The graph is exported in eval mode; its parameters are re-pointed at the model's own, so
     training the GraphModule trains the model; custom ``torch.autograd.Function`` calls are kept
-    as opaque calls (:mod:`fxprune.passes.autograd_functions`). Raises :class:`fxprune.TraceError`.
+    as opaque calls (:mod:`fxprune.passes.autograd_functions`). With ``dynamic`` every dim of
+    every tensor input is ``torch.export.Dim.AUTO``: sizes the code does not specialise (a
+    sequence length, a number of boxes) stay symbolic, so the graph takes other sizes than the
+    example's (dims of size 0 or 1 are always specialised); if that export fails, a static one
+    is tried. Raises :class:`fxprune.TraceError`.
     """
+    inputs = tuple(example_inputs)
     try:
         with eval_mode(model), marked_for_export() as marks:
-            gm = torch.export.export(model, tuple(example_inputs), strict=False).module()
+            gm = None
+            if dynamic and all(isinstance(x, torch.Tensor) for x in inputs):
+                shapes = tuple({d: torch.export.Dim.AUTO for d in range(x.dim())} for x in inputs)
+                log = logging.getLogger("torch._export.non_strict_utils")  # notes every size-1 dim it specialises
+                level = log.level
+                log.setLevel(logging.ERROR)
+                try:
+                    gm = torch.export.export(model, inputs, dynamic_shapes=shapes, strict=False).module()
+                except Exception:  # noqa: BLE001 - the static export below reports the error
+                    gm = None
+                    marks.calls.clear()
+                finally:
+                    log.setLevel(level)
+            if gm is None:
+                gm = torch.export.export(model, inputs, strict=False).module()
     except Exception as exc:
-        raise TraceError(f"torch.export cannot export {type(model).__qualname__}: {type(exc).__name__}: {exc}") from exc
+        text = str(exc).strip()
+        text = text[:2000] + " ..." if len(text) > 2000 else text
+        raise TraceError(f"torch.export cannot export {type(model).__qualname__}: {type(exc).__name__}: {text}") from exc
     if marks.calls:  # custom autograd Functions: their inlined forwards become opaque calls again
         collapse_marked(gm, marks)
     own = dict(model.named_parameters(remove_duplicate=False))
