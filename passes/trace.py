@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Union
 
 import torch
 import torch.fx
+from torch.fx._symbolic_trace import _assert_is_none
 
 from fxprune.errors import TraceError
 
@@ -227,6 +228,9 @@ def _inline_concrete(graph: torch.fx.Graph, concrete_args: Dict[str, Any], names
             continue
         value = concrete_args[name]
         for user in list(node.users):
+            if user.op == "call_function" and user.target is _assert_is_none and not user.users:
+                graph.erase_node(user)  # torch.fx's guard of a None argument: checks the value folded in
+                continue
             user.args = torch.fx.node.map_arg(user.args, lambda a: value if a is node else a)
             user.kwargs = torch.fx.node.map_arg(user.kwargs, lambda a: value if a is node else a)
         graph.erase_node(node)

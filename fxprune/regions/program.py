@@ -14,7 +14,7 @@ import torch
 
 from fxprune.errors import FxPruneError, VerificationError
 from fxprune.ir import Erasable, Group, Slice
-from fxprune.program import Program, check_outputs
+from fxprune.program import Program, check_outputs, copy_training_flags
 
 from .build import Region
 from .calls import KwargsCall, rebound_original, region_graph_module
@@ -117,6 +117,22 @@ class RegionProgram(Program):
             out[ri][lid] = mask
         return out
 
+    def check_construction(self, rtol: float = 1e-4) -> Dict[int, str]:
+        """:meth:`fxprune.Program.check_construction` region by region (each region's program
+        on its first recorded call); the groups it freezes, ``{global group id: reason}``, are
+        frozen here too, their reason naming the region."""
+        if self._construction_checked is not None:
+            return dict(self._construction_checked)
+        failing: Dict[int, str] = {}
+        for ri, r in enumerate(self.regions):
+            for lid, reason in r.program.check_construction(rtol).items():
+                g = self._groups[self._global_of[ri][lid]]
+                g.prunable = False
+                g.reason = f"region '{r.name}': {r.program.groups[lid].reason}"
+                failing[g.id] = reason
+        self._construction_checked = failing
+        return dict(failing)
+
     # ------------------------------------------------------------------ the slim model
     def construct_subnet(self, verify: bool = True, rtol: float = 1e-4) -> torch.nn.Module:
         """The slim model: a deep copy of :attr:`module` in which every region is its slim
@@ -150,7 +166,7 @@ class RegionProgram(Program):
                                                      original=rebound_original(r.module.region_module, flat),
                                                      class_name=type(r.module).__name__)
         slim = copy.deepcopy(self.module, memo)
-        slim.train(self.module.training)
+        copy_training_flags(slim, self._model if self._model is not None else self.module)
         if verify:
             full, new = (KwargsCall(self.module, self.call_kwargs), KwargsCall(slim, self.call_kwargs)) if self.call_kwargs \
                 else (self.module, slim)
