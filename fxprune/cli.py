@@ -21,6 +21,7 @@ from .export import ATOL, FORMATS, RTOL, export
 from .train import RunOptions, TrainConfig, train
 
 _DEFAULTS = TrainConfig()
+TASKS = ("image-classification", "causal-lm")
 
 
 def _epochs_list(text: str) -> List[float]:
@@ -37,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
         "erase, Auto-Train-Once with --method ato), construct the slim model, save it and write "
         "OUT/report.json. Defaults: the digits/ResNet-18 demo.")
     d = _DEFAULTS
+    p.add_argument("--task", choices=TASKS, default=TASKS[0], help="image-classification (the options below) or "
+                   "causal-lm (a language model on the standard library's sources; see fxprune train --task "
+                   "causal-lm --help) (default: image-classification)")
 
     def opt(flag, type_, default, help_, **kw):
         # None marks "not given", so that a resumed run can tell given settings from defaults.
@@ -132,7 +136,20 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task(argv: List[str]) -> tuple:
+    """``(task, the other arguments)`` of a ``train`` command line."""
+    pre = argparse.ArgumentParser(prog="fxprune train", add_help=False)
+    pre.add_argument("--task", choices=TASKS, default=TASKS[0])
+    known, rest = pre.parse_known_args(argv)
+    return known.task, rest
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"] and _task(argv[1:])[0] == "causal-lm":
+        from .lm.cli import main as lm_main
+
+        return lm_main(_task(argv[1:])[1])
     args = build_parser().parse_args(argv)
     if args.command == "export":
         return _export(args)
