@@ -33,7 +33,7 @@ row's own run plus, for the post-training rows, the dense run's.
 Runs are resumable: a finished run (its ``report.json``) is read back, an interrupted one is
 resumed from its checkpoint. Usage::
 
-    python benchmarks/quality_lm.py                        # 2M dense tokens, 1M post-training
+    python benchmarks/quality_lm.py                        # 1.5M dense tokens, 0.75M post-training
     python benchmarks/quality_lm.py --quick --dense-tokens 8192 --post-tokens 4096 --work /tmp/q --out /tmp/q/r
 
 Writes ``results/quality_lm.json``, ``results/quality_lm.md`` and ``results/quality_lm.png``.

@@ -8,6 +8,7 @@ is :func:`tokenizer_sha256`).
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Iterable, List
 
 EOS = "<|endoftext|>"
@@ -31,8 +32,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE):
 
 
 def tokenizer_sha256(tok) -> str:
-    """SHA-256 of the tokenizer's JSON serialisation."""
-    return hashlib.sha256(tok.to_str().encode()).hexdigest()
+    """SHA-256 of what decides the tokenizer's ids: its model (vocabulary and merges),
+    pre-tokenizer, decoder and special tokens, as canonical JSON (so that the same tokenizer
+    saved by ``transformers``, which adds its own settings, hashes the same)."""
+    spec = json.loads(tok.to_str())
+    core = {k: spec.get(k) for k in ("model", "normalizer", "pre_tokenizer", "decoder")}
+    core["added_tokens"] = sorted((t["id"], t["content"]) for t in spec.get("added_tokens", []))
+    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
 
 
 def encode_files(tok, texts: Iterable[str]) -> List[int]:

@@ -62,7 +62,7 @@ class LMConfig:
     vocab_size: int = DEFAULT_VOCAB_SIZE
     seq_len: int = 128
     batch_size: int = 16
-    max_tokens: int = 2_000_000
+    max_tokens: int = 1_500_000
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_fraction: float = 0.05
@@ -82,7 +82,7 @@ class LMConfig:
 
 #: Defaults that change when a run starts from a trained model (``init_from``): compressing
 #: a trained model is a short run at a lower learning rate that starts pruning almost at once.
-POST_TRAINING_DEFAULTS = dict(max_tokens=1_000_000, lr=1e-3, warmup_fraction=0.02, start_pruning_fraction=0.05,
+POST_TRAINING_DEFAULTS = dict(max_tokens=750_000, lr=1e-3, warmup_fraction=0.02, start_pruning_fraction=0.05,
                               pruning_fraction=0.45)
 
 
