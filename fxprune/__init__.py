@@ -47,8 +47,8 @@ def __getattr__(name):  # optional parts load on first use
         from . import io
 
         return getattr(io, name)
-    if name == "testing":
+    if name in ("testing", "hf", "lm"):
         import importlib
 
-        return importlib.import_module(".testing", __name__)
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module 'fxprune' has no attribute {name!r}")

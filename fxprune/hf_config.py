@@ -11,6 +11,12 @@ kept 3 heads, another 4) is reported per value instead. Finally the class is bui
 new config and every parameter shape is compared with the slim model's: the config is only
 returned when it reproduces them all (BERT's or GPT-2's head count, for instance, also sets
 their head width, so no config can describe heads pruned at a fixed head width).
+
+The hidden width (``hidden_size``, ``n_embd``, ``d_model``) is solved like the others; where a
+class derives the head width from it (``getattr(config, "head_dim", hidden // heads)``, Qwen2)
+``head_dim`` is written out first, so the head width stays when the head count or the hidden
+width changes. A field that a dim shares with fields which kept their value is solved from that
+dim (GPT-2's MLP width is ``4 * n_embd`` while ``n_inner`` is None).
 """
 from __future__ import annotations
 

@@ -357,6 +357,10 @@ def train_lm(config: LMConfig, options: Optional[LMRunOptions] = None, given: Op
                              "corpus_sha256": data.corpus.sha256}, os.path.join(out, "checkpoints"))
     bar.close()
 
+    if not options.progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     report = finish_lm(prog, model, opt, data, config, out, device)
     report.update({"tokens_seen": steps * tokens_per_step, "steps": steps, "history": history,
                    "wall_time_s": {"train": spent["seconds"], "this_invocation": time.perf_counter() - t_start},
