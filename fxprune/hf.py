@@ -175,18 +175,23 @@ def _slim_state(hf: torch.nn.Module, slim: torch.nn.Module, res: HFConfig, prog)
     source = slim.state_dict(keep_vars=True)
     target = _meta_shapes(hf, res.config)
     names = _candidate_names(hf, res.prefix, prog)
-    state, missing, wrong = {}, [], []
+    state, missing, wrong, used = {}, [], [], set()
     for key, shape in target.items():
         src = next((n for n in names.get(key, [res.prefix + key]) if n in source), None)
         if src is None:
             missing.append(key)
             continue
+        used.add(src)
         t = source[src].detach()
         if tuple(t.shape) != shape:
             wrong.append(f"{key}: class {shape}, slim {tuple(t.shape)}")
             continue
         scale = res.param_scales.get(key)
         state[key] = t * scale if scale is not None else t
+    left = [n for n, _ in slim.named_parameters() if n.startswith(res.prefix) and n not in used]
+    if left:  # a trained weight the class has no place for would be dropped silently
+        raise UnsupportedInputError(f"{type(hf).__name__} has no parameter for the slim GraphModule's "
+                                    f"{', '.join(left[:6])}" + (" ..." if len(left) > 6 else ""))
     if missing or wrong:
         raise UnsupportedInputError(
             f"the slim GraphModule does not fill {type(hf).__name__}: "
