@@ -9,8 +9,8 @@ standard-library corpus, tokenizer, model (the job's default Llama: 4 layers, hi
 * ``dhspg-scratch``: the job's defaults (DHSPG at group sparsity 0.5 over heads and MLP
   channels) from random weights, for the same ``--dense-tokens``;
 * ``dhspg-from-dense``: ``--init-from`` the dense model's HuggingFace directory, DHSPG at 0.5,
-  ``--post-tokens`` tokens (the job's post-training defaults: lr 1e-3, pruning from 5% to 50%
-  of the steps, then training on);
+  ``--post-tokens`` tokens (the job's post-training defaults: lr 1e-3, pruning over the first
+  10% of the steps, then training on);
 * ``tp-magnitude``: Torch-Pruning's magnitude pruning of the dense model to the widths of the
   ``dhspg-from-dense`` slim model (per layer: key/value heads and MLP channels), with
   ``GroupMagnitudeImportance(p=2, group_reduction="mean")`` as its LLM example uses, no
@@ -187,6 +187,7 @@ def main(argv=None) -> int:
             "dense_tokens": args.dense_tokens, "post_tokens": args.post_tokens, "corpus": dense["corpus"],
             "widths_full": dense["config_slim"], "widths_slim": from_dense["config_slim"],
             "this_invocation_s": time.perf_counter() - t0,
+            "runs_wall_s": sum(r["wall_time_s"]["this_invocation"] for r in (dense, scratch, from_dense, tp_ft)),
             "slim_equals_full": {k: r["perplexity"]["equal"] for k, r in
                                  (("dhspg-scratch", scratch), ("dhspg-from-dense", from_dense))}}
     table = markdown(rows)
@@ -211,6 +212,7 @@ def markdown(rows: List[dict]) -> str:
 
 
 def plot(rows: List[dict], path: str) -> None:
+    """Validation perplexity per method (bars), with parameters and training tokens as labels."""
     try:
         import matplotlib
 
@@ -218,16 +220,20 @@ def plot(rows: List[dict], path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for r in rows:
-        ax.scatter(r["params"] / 1e6, r["val_ppl"], s=40)
-        ax.annotate(r["method"], (r["params"] / 1e6, r["val_ppl"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
-    ax.set_yscale("log")
-    ax.set_xlabel("parameters (M)")
-    ax.set_ylabel("validation perplexity (log scale)")
-    ax.set_title("Llama 4x256 on Python stdlib sources")
-    ax.grid(True, alpha=0.3)
+    fig, ax = plt.subplots(figsize=(7.0, 3.6))
+    names = [r["method"] for r in rows][::-1]
+    values = [r["val_ppl"] for r in rows][::-1]
+    full = max(r["params"] for r in rows)
+    colors = ["#888888" if r["params"] == full else ("#1f77b4" if r["method"].startswith("dhspg") else "#d62728")
+              for r in rows][::-1]
+    bars = ax.barh(names, values, color=colors)
+    for bar, r in zip(bars, rows[::-1]):
+        ax.text(bar.get_width() * 1.01, bar.get_y() + bar.get_height() / 2,
+                f"{r['val_ppl']:.2f}  ({r['params'] / 1e6:.2f} M params, {r['tokens'] / 1e6:.2f} M tokens)",
+                va="center", fontsize=8)
+    ax.set_xlim(0, max(values) * 1.9)
+    ax.set_xlabel("validation perplexity (lower is better)")
+    ax.set_title("Llama 4x256 (GQA) on the Python standard library's sources", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
