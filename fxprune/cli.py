@@ -24,6 +24,8 @@ from .config import RunOptions, TrainConfig, validate
 from .errors import ConfigError, DatasetError, FxPruneError
 
 _DEFAULTS = TrainConfig()
+TASKS = ("image-classification", "causal-lm")
+
 USAGE_ERROR = 2  # bad flags or data: one line on stderr, as argparse's own errors
 
 
@@ -47,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         "erase, Auto-Train-Once with --method ato), construct the slim model, save it and write "
         "OUT/report.json. Defaults: the digits/ResNet-18 demo.")
     d = _DEFAULTS
+    p.add_argument("--task", choices=TASKS, default=TASKS[0], help="image-classification (the options below) or "
+                   "causal-lm (a language model on the standard library's sources; see fxprune train --task "
+                   "causal-lm --help) (default: image-classification)")
 
     def opt(flag, type_, default, help_, **kw):
         # None marks "not given", so that a resumed run can tell given settings from defaults.
@@ -161,7 +166,20 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task(argv: List[str]) -> tuple:
+    """``(task, the other arguments)`` of a ``train`` command line."""
+    pre = argparse.ArgumentParser(prog="fxprune train", add_help=False)
+    pre.add_argument("--task", choices=TASKS, default=TASKS[0])
+    known, rest = pre.parse_known_args(argv)
+    return known.task, rest
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"] and _task(argv[1:])[0] == "causal-lm":
+        from .lm.cli import main as lm_main
+
+        return lm_main(_task(argv[1:])[1])
     args = build_parser().parse_args(argv)
     if args.command == "export":
         return _export(args)

@@ -11,6 +11,12 @@ kept 3 heads, another 4) is reported per value instead. Finally the class is bui
 new config and every parameter shape is compared with the slim model's: the config is only
 returned when it reproduces them all (BERT's or GPT-2's head count, for instance, also sets
 their head width, so no config can describe heads pruned at a fixed head width).
+
+The hidden width (``hidden_size``, ``n_embd``, ``d_model``) is solved like the others; where a
+class derives the head width from it (``getattr(config, "head_dim", hidden // heads)``, Qwen2)
+``head_dim`` is written out first, so the head width stays when the head count or the hidden
+width changes. A field that a dim shares with fields which kept their value is solved from that
+dim (GPT-2's MLP width is ``4 * n_embd`` while ``n_inner`` is None).
 """
 from __future__ import annotations
 
@@ -28,6 +34,8 @@ from .errors import UnsupportedInputError
 WIDTH_FIELDS = ("num_attention_heads", "num_key_value_heads", "intermediate_size", "n_head", "n_inner",
                 "num_heads", "d_ff", "encoder_attention_heads", "decoder_attention_heads", "encoder_ffn_dim",
                 "decoder_ffn_dim", "ffn_dim", "n_heads", "hidden_dim")
+# Config fields that set the residual-stream width.
+HIDDEN_FIELDS = ("hidden_size", "n_embd", "d_model")
 
 Shapes = Dict[str, Tuple[int, ...]]
 
@@ -43,6 +51,9 @@ class HFConfig:
         changed: field -> (old value, new value).
         heterogeneous: field -> the different values its parameter dimensions ask for.
         mismatched: parameter name -> (shape the config gives, slim shape).
+        param_scales: parameter name (in the HuggingFace model) -> factor its slim values are
+            multiplied by to load into the class built from ``config`` (an identity that keeps
+            a standard module exact at the new widths); empty when the values load as they are.
     """
 
     config: Optional[object]
@@ -50,6 +61,7 @@ class HFConfig:
     changed: Dict[str, Tuple[object, int]] = field(default_factory=dict)
     heterogeneous: Dict[str, List[int]] = field(default_factory=dict)
     mismatched: Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=dict)
+    param_scales: Dict[str, float] = field(default_factory=dict)
 
     @property
     def homogeneous(self) -> bool:
@@ -90,7 +102,8 @@ def hf_config(model: torch.nn.Module, slim: torch.nn.Module, fields: Optional[It
             HuggingFace model; its ``config`` is the starting point and is not modified.
         slim: the slim module (``Program.construct_subnet()``); its parameters keep the
             model's names.
-        fields: config fields to solve for (default :data:`WIDTH_FIELDS`, those the config has).
+        fields: config fields to solve for (default :data:`WIDTH_FIELDS` and
+            :data:`HIDDEN_FIELDS`, those the config has).
 
     Returns:
         An :class:`HFConfig`; ``.config`` is None when the slim shapes are not expressible.
@@ -107,38 +120,73 @@ def hf_config(model: torch.nn.Module, slim: torch.nn.Module, fields: Optional[It
     except Exception as exc:
         raise UnsupportedInputError(f"{type(hf).__name__}(config) cannot be rebuilt from its config on the meta "
                                     f"device: {type(exc).__name__}: {exc}") from exc
+    cfg = _explicit_head_dim(hf, cfg, base)
     present = cfg.to_dict()
-    names = [f for f in (fields if fields is not None else WIDTH_FIELDS) if f in present]
+    names = [f for f in (fields if fields is not None else WIDTH_FIELDS + HIDDEN_FIELDS) if f in present]
 
-    solved: Dict[str, set] = {}
     owners: Dict[Tuple[str, int], List[Tuple[str, float, float]]] = {}
     for f in names:
         for dim, coef in _linear_dims(hf, cfg, f, present[f], base).items():
             owners.setdefault(dim, []).append((f, *coef))
-    for (key, d), fs in owners.items():
-        if len(fs) != 1 or key not in slim_shapes or len(slim_shapes[key]) != len(base[key]):
-            continue  # a dim set by several fields only takes part in the final check
-        f, a, b = fs[0]
-        value = (slim_shapes[key][d] - b) / a
-        solved.setdefault(f, set()).add(int(value) if value == int(value) and value >= 1 else value)
-
     result = HFConfig(config=None, prefix=prefix)
     new_cfg = copy.deepcopy(cfg)
-    for f, values in solved.items():
-        dims = [dim for dim, fs in owners.items() if len(fs) == 1 and fs[0][0] == f and dim[0] in slim_shapes]
+    # first from the dims one field sets alone, then from the dims it shares with fields that
+    # kept their value (GPT-2's MLP width is 4 * n_embd while n_inner is None)
+    solved = _solve(owners, slim_shapes, base, fixed=set())
+    _settle_tied_hidden(solved, present)
+    _apply(solved, slim_shapes, base, present, result, new_cfg)
+    fixed = {f for f in solved if f not in result.changed and f not in result.heterogeneous}
+    shared = {f: v for f, v in _solve(owners, slim_shapes, base, fixed).items() if f not in solved}
+    _apply(shared, slim_shapes, base, present, result, new_cfg)
+    rebuilt = _meta_shapes(hf, new_cfg) if result.changed else base
+    result.mismatched = {k: (rebuilt[k], s) for k, s in slim_shapes.items() if k in rebuilt and rebuilt[k] != s}
+    if not result.heterogeneous and not result.mismatched:
+        result.config = new_cfg
+    return result
+
+
+def _solve(owners, slim_shapes: Shapes, base: Shapes, fixed: set) -> Dict[str, Tuple[set, list]]:
+    """field -> (values its dims ask for, those dims), over the dims whose other owners are all
+    in ``fixed`` (kept at their value, to which the dim's coefficients refer)."""
+    solved: Dict[str, Tuple[set, list]] = {}
+    for (key, d), fs in owners.items():
+        if key not in slim_shapes or len(slim_shapes[key]) != len(base[key]):
+            continue
+        free = [c for c in fs if c[0] not in fixed]
+        if len(free) != 1:
+            continue  # a dim set by several changed fields only takes part in the final check
+        f, a, b = free[0]
+        value = (slim_shapes[key][d] - b) / a
+        values, dims = solved.setdefault(f, (set(), []))
+        values.add(int(value) if value == int(value) and value >= 1 else value)
+        dims.append((key, d))
+    return solved
+
+
+def _settle_tied_hidden(solved: Dict[str, Tuple[set, list]], present: dict) -> None:
+    """A hidden-width field whose dims ask for its own value and others keeps its value: the
+    residual stream is one width across the model, and the others are widths the class ties
+    to it (GPT-2's attention width is n_embd); those dims are left to the final shape check."""
+    for f in HIDDEN_FIELDS:
+        if f in solved and len(solved[f][0]) > 1 and present.get(f) in solved[f][0]:
+            solved[f][0].intersection_update({present[f]})
+
+
+def _apply(solved: Dict[str, Tuple[set, list]], slim_shapes: Shapes, base: Shapes, present: dict,
+           result: HFConfig, new_cfg) -> None:
+    """Write each solved field into ``new_cfg`` and ``result.changed``, or into
+    ``result.heterogeneous`` when its dims disagree."""
+    for f, (values, dims) in solved.items():
         if all(slim_shapes[k][d] == base[k][d] for k, d in dims):
             continue  # this field's widths are untouched
         if len(values) > 1 or not isinstance(next(iter(values)), int):
             result.heterogeneous[f] = sorted(values, key=float)
             continue
         value = next(iter(values))
+        if value == present[f]:
+            continue
         result.changed[f] = (present[f], value)
         setattr(new_cfg, f, value)
-    rebuilt = _meta_shapes(hf, new_cfg) if result.changed else base
-    result.mismatched = {k: (rebuilt[k], s) for k, s in slim_shapes.items() if k in rebuilt and rebuilt[k] != s}
-    if not result.heterogeneous and not result.mismatched:
-        result.config = new_cfg
-    return result
 
 
 def _find_hf(model: torch.nn.Module) -> Tuple[str, torch.nn.Module]:
@@ -162,6 +210,25 @@ def _meta_shapes(hf: torch.nn.Module, cfg) -> Shapes:
     with torch.device("meta"):
         m = type(hf)(cfg)
     return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+
+
+def _explicit_head_dim(hf: torch.nn.Module, cfg, base: Shapes):
+    """``cfg`` with ``head_dim`` written out when the class reads it but the config leaves it
+    implicit (Qwen2: ``getattr(config, "head_dim", hidden_size // num_attention_heads)``), so
+    that a new head count keeps the head width; ``cfg`` itself otherwise."""
+    if getattr(cfg, "head_dim", None) is not None:
+        return cfg
+    hidden, heads = getattr(cfg, "hidden_size", None), getattr(cfg, "num_attention_heads", None)
+    if not isinstance(hidden, int) or not isinstance(heads, int) or heads < 1 or hidden % heads:
+        return cfg
+    pinned, probe = copy.deepcopy(cfg), copy.deepcopy(cfg)
+    pinned.head_dim, probe.head_dim = hidden // heads, 2 * (hidden // heads)
+    try:
+        if _meta_shapes(hf, pinned) != base or _meta_shapes(hf, probe) == base:
+            return cfg  # the class ignores head_dim (its head width is hidden_size / heads)
+    except Exception:
+        return cfg
+    return pinned
 
 
 def _linear_dims(hf, cfg, f: str, value, base: Shapes) -> Dict[Tuple[str, int], Tuple[float, float]]:

@@ -274,8 +274,27 @@ def _front_end(model, inputs, frontend: str, *, origin: Optional[type] = None, t
         try:
             return export(model, inputs)
         except TraceError as export_error:
-            raise TraceError(f"{fx_error}\n\nThe torch.export front end failed too: {export_error}") from fx_error
+            err = _closest(fx_error, export_error)
+            raise err from err.cause
+
     return prefer_export(gm, _opaque_functions(gm))
+
+
+def _closest(fx_error, export_error):
+    """One error for two failed front ends, led by the one that came closer: the one with
+    more module calls traced to their end before it failed (symbolic tracing on a tie)."""
+    from .errors import TraceError
+
+    fx_done, ex_done = getattr(fx_error, "modules_done", 0), getattr(export_error, "modules_done", 0)
+    if ex_done > fx_done:
+        err = TraceError(f"{export_error}\n(torch.export traced {ex_done} module calls to their end, symbolic "
+                         f"tracing {fx_done})\n\nThe torch.fx front end failed too: {fx_error}")
+        err.cause = export_error
+    else:
+        err = TraceError(f"{fx_error}\n\nThe torch.export front end failed too: {export_error}")
+        err.cause = fx_error
+    err.modules_done = max(fx_done, ex_done)
+    return err
 
 
 def _opaque_leaves(gm: torch.fx.GraphModule) -> list:

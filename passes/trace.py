@@ -7,6 +7,7 @@ name (``leaf_modules``), fix arguments (``concrete_args``), or pass a tracer of 
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import linecache
 import logging
@@ -97,6 +98,7 @@ class FxPruneTracer(torch.fx.Tracer):
                  trace_through: Optional[Iterable[Callable]] = None, **kwargs):
         kwargs.setdefault("autowrap_modules", (math,))
         super().__init__(**kwargs)
+        self.modules_done = 0  # module calls traced to their end (how far a failed trace got)
         leaf_modules = tuple(leaf_modules)
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type)) + training_dependent_modules()
         self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
@@ -122,7 +124,9 @@ class FxPruneTracer(torch.fx.Tracer):
 
     def call_module(self, m, forward, args, kwargs):
         try:
-            return super().call_module(m, forward, args, kwargs)
+            out = super().call_module(m, forward, args, kwargs)
+            self.modules_done += 1
+            return out
         except Exception as exc:
             if not hasattr(exc, "_fxprune_module"):
                 try:
@@ -162,7 +166,9 @@ def trace(model: torch.nn.Module, *, leaf_modules: Iterable[Union[type, str]] = 
         with eval_mode(model), opaque_for_fx():
             graph = tr.trace(model, concrete_args=concrete_args)
     except Exception as exc:
-        raise _trace_error(model, exc) from exc
+        err = _trace_error(model, exc)
+        err.modules_done = getattr(tr, "modules_done", 0)
+        raise err from exc
     if concrete_args:
         _inline_concrete(graph, concrete_args, list(inspect.signature(model.forward).parameters))
     name = model.__class__.__name__
@@ -240,17 +246,25 @@ def export(model: torch.nn.Module, example_inputs: tuple, dynamic: bool = False)
     """Second front end: ``torch.export`` (non-strict) to an ATen-level GraphModule, for models
     symbolic tracing cannot take (HuggingFace transformers 5, which has no fx tracer).
 
-    The graph is exported in eval mode; its parameters are re-pointed at the model's own, so
-    training the GraphModule trains the model; custom ``torch.autograd.Function`` calls are kept
+    The graph is exported in eval mode and, for HuggingFace models, without the key/value cache
+    (:func:`no_kv_cache`); its parameters are re-pointed at the model's own, so training the
+    GraphModule trains the model; custom ``torch.autograd.Function`` calls are kept
     as opaque calls (:mod:`fxprune.passes.autograd_functions`). With ``dynamic`` every dim of
     every tensor input is ``torch.export.Dim.AUTO``: sizes the code does not specialise (a
     sequence length, a number of boxes) stay symbolic, so the graph takes other sizes than the
     example's (dims of size 0 or 1 are always specialised); if that export fails, a static one
-    is tried. Raises :class:`fxprune.TraceError`.
+    is tried. Raises :class:`fxprune.TraceError`, whose ``modules_done`` counts the module
+    calls that ran to their end before the failure.
     """
     inputs = tuple(example_inputs)
+    done = [0]
+
+    def count(module, args, output):
+        done[0] += 1
+
+    hook = torch.nn.modules.module.register_module_forward_hook(count)
     try:
-        with eval_mode(model), marked_for_export() as marks:
+        with eval_mode(model), no_kv_cache(model), marked_for_export() as marks:
             gm = None
             if dynamic and all(isinstance(x, torch.Tensor) for x in inputs):
                 shapes = tuple({d: torch.export.Dim.AUTO for d in range(x.dim())} for x in inputs)
@@ -265,11 +279,16 @@ def export(model: torch.nn.Module, example_inputs: tuple, dynamic: bool = False)
                 finally:
                     log.setLevel(level)
             if gm is None:
+                done[0] = 0
                 gm = torch.export.export(model, inputs, strict=False).module()
     except Exception as exc:
         text = str(exc).strip()
         text = text[:2000] + " ..." if len(text) > 2000 else text
-        raise TraceError(f"torch.export cannot export {type(model).__qualname__}: {type(exc).__name__}: {text}") from exc
+        err = TraceError(f"torch.export cannot export {type(model).__qualname__}: {type(exc).__name__}: {text}")
+        err.modules_done = done[0]
+        raise err from exc
+    finally:
+        hook.remove()
     if marks.calls:  # custom autograd Functions: their inlined forwards become opaque calls again
         collapse_marked(gm, marks)
     own = dict(model.named_parameters(remove_duplicate=False))
@@ -287,6 +306,30 @@ def export(model: torch.nn.Module, example_inputs: tuple, dynamic: bool = False)
     gm.train = types.MethodType(torch.nn.Module.train, gm)
     gm.eval = types.MethodType(torch.nn.Module.eval, gm)
     return gm
+
+
+@contextlib.contextmanager
+def no_kv_cache(model: torch.nn.Module):
+    """Run with ``use_cache=False`` in every HuggingFace config inside ``model`` (restored after).
+
+    A decoder built with its default ``use_cache=True`` returns its key/value cache (a
+    ``transformers.DynamicCache``) from ``forward``; torch.export refuses that type in an
+    output, and were it registered as a pytree its tensors would be model outputs, which
+    freezes every attention-head group. The graph is the same without it: the cache is only
+    written, never read, by a call that is given none.
+    """
+    saved = {}
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and id(cfg) not in saved and getattr(cfg, "use_cache", None) is True:
+            saved[id(cfg)] = cfg
+    for cfg in saved.values():
+        cfg.use_cache = False
+    try:
+        yield
+    finally:
+        for cfg in saved.values():
+            cfg.use_cache = True
 
 
 def _trace_error(model: torch.nn.Module, exc: Exception) -> TraceError:
