@@ -153,8 +153,10 @@ def compile_regions(model: torch.nn.Module, inputs: tuple, *, names: Optional[Se
     if not plan.regions:
         why = "; ".join(f"{k or '<root>'}: {v}" for k, v in list(plan.rejected.items())[:6])
         head = f"{cause}\n\n" if cause is not None else ""
-        raise TraceError(f"{head}Region compile found no submodule that traces and reproduces its recorded "
+        err = TraceError(f"{head}Region compile found no submodule that traces and reproduces its recorded "
                          f"calls ({why})")
+        err.modules_done = getattr(cause, "modules_done", 0)
+        raise err from cause
     for r in plan.regions:
         freeze_shared(r, shared_tensors(work, r, rec))
     module = swap_in(work, {p: r.module for r in plan.regions for p in r.paths})
