@@ -100,6 +100,242 @@ def _merge_masks(attn_mask, key_padding_mask, dtype, n, lq, ls) -> Optional[torc
     return mask
 
 
+
+# ---------------------------------------------------------------------------- full-count normalisation
+#
+# A removed channel is exactly zero wherever it flows, so in a reduction over the channel
+# dims it adds nothing to any sum: only the count of reduced elements changes. These forms
+# reduce over the slim channels and divide by the full model's count, which reproduces the
+# full model's statistics exactly. (A stock norm over the slim channels divides by the slim
+# count, which changes every statistic.)
+
+
+def _reduce_dims(x: torch.Tensor, dim) -> Tuple[int, ...]:
+    if dim is None:
+        return tuple(range(x.dim()))
+    dims = (dim,) if isinstance(dim, int) else tuple(dim)
+    return tuple(sorted(d % x.dim() for d in dims)) if dims else tuple(range(x.dim()))
+
+
+def _full_count(x: torch.Tensor, dims: Tuple[int, ...], full_sizes) -> int:
+    """The full model's number of reduced elements: ``full_sizes`` aligned with ``dims``
+    (None: the input's own size there)."""
+    count = 1
+    for k, d in enumerate(dims):
+        f = full_sizes[k] if full_sizes is not None and k < len(full_sizes) else None
+        count *= x.shape[d] if f is None else f
+    return count
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Statistics of half-precision inputs are accumulated in float32, as torch's norms do."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _mean_and_centred_square_sum(x: torch.Tensor, dims: Tuple[int, ...], count: int):
+    """Mean over ``dims`` of the full tensor (the slim ``x`` plus ``count - kept`` zeros) and
+    the sum of squared deviations from it, zeros included: each missing zero deviates by
+    ``-mean``, so it adds ``mean**2`` (two passes, as stable as torch's own variance)."""
+    kept = 1
+    for d in dims:
+        kept *= x.shape[d]
+    mean = x.sum(dims, keepdim=True) / count
+    centred = x - mean
+    return mean, centred, centred.square().sum(dims, keepdim=True) + (count - kept) * mean.square()
+
+
+def mean_full_count(x: torch.Tensor, dim, keepdim: bool = False, full_sizes=None, *,
+                    dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``x.mean(dim, keepdim)`` of a slim tensor as the full model computes it: the sum over
+    ``dim`` divided by the full count.
+
+    Args:
+        x: the slim input, zero-free (its removed channels were exactly zero).
+        dim: the reduced dims (int, sequence, or None for all).
+        full_sizes: the full model's size of each reduced dim, aligned with ``dim`` (None
+            entries: the input's own size).
+    """
+    dims = _reduce_dims(x, dim)
+    return x.sum(dims, keepdim=keepdim, dtype=dtype) / _full_count(x, dims, full_sizes)
+
+
+def var_full_count(x: torch.Tensor, dim, correction: float = 1, keepdim: bool = False,
+                   full_sizes=None) -> torch.Tensor:
+    """``x.var(dim, correction=correction, keepdim=keepdim)`` of a slim tensor as the full
+    model computes it (``full_sizes`` as in :func:`mean_full_count`): the removed zeros' squared
+    deviations are added back and the divisor is the full count minus ``correction``."""
+    dims = _reduce_dims(x, dim)
+    count = _full_count(x, dims, full_sizes)
+    _, _, ss = _mean_and_centred_square_sum(x, dims, count)
+    var = ss / max(count - correction, 0)
+    return var if keepdim else var.squeeze(dims)
+
+
+def std_full_count(x: torch.Tensor, dim, correction: float = 1, keepdim: bool = False,
+                   full_sizes=None) -> torch.Tensor:
+    """``x.std(...)`` of a slim tensor as the full model computes it (:func:`var_full_count`)."""
+    return var_full_count(x, dim, correction, keepdim, full_sizes).sqrt()
+
+
+def layer_norm_full_count(x: torch.Tensor, normalized_shape, full_size: int, weight: Optional[torch.Tensor] = None,
+                          bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
+    """``F.layer_norm`` over the slim channels with the full model's statistics.
+
+    With ``D = full_size`` elements per normalised slice of which the slim input holds the
+    non-removed ones: ``mean = sum(x) / D``, ``var = (sum((x - mean)**2) + (D - D') mean**2) / D``
+    (the removed zeros included), then ``(x - mean) / sqrt(var + eps) * weight + bias``.
+
+    Args:
+        x: ``(*, *normalized_shape)``, the slim input.
+        normalized_shape: the slim normalised shape (the last dims of ``x``).
+        full_size: number of elements of the full model's normalised shape.
+    """
+    dims = tuple(range(x.dim() - len(tuple(normalized_shape)), x.dim()))
+    xf = _upcast(x)
+    _, centred, ss = _mean_and_centred_square_sum(xf, dims, full_size)
+    y = (centred * torch.rsqrt(ss / full_size + eps)).to(x.dtype)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def native_layer_norm_full_count(x: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor],
+                                 bias: Optional[torch.Tensor], eps: float, full_size: int):
+    """``aten.native_layer_norm`` with the full model's statistics: ``(output, mean, rstd)``,
+    the statistics shaped ``(*, 1, ..., 1)`` (:func:`layer_norm_full_count`)."""
+    dims = tuple(range(x.dim() - len(tuple(normalized_shape)), x.dim()))
+    xf = _upcast(x)
+    mean, centred, ss = _mean_and_centred_square_sum(xf, dims, full_size)
+    rstd = torch.rsqrt(ss / full_size + eps)
+    y = (centred * rstd).to(x.dtype)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y, mean, rstd
+
+
+def rms_norm_full_count(x: torch.Tensor, normalized_shape, full_size: int, weight: Optional[torch.Tensor] = None,
+                        eps: Optional[float] = None) -> torch.Tensor:
+    """``F.rms_norm`` over the slim channels with the full model's count:
+    ``x / sqrt(sum(x**2) / full_size + eps) * weight`` (``eps`` None: the dtype's epsilon,
+    as ``F.rms_norm``).
+
+    Args:
+        x: ``(*, *normalized_shape)``, the slim input.
+        full_size: number of elements of the full model's normalised shape.
+    """
+    dims = tuple(range(x.dim() - len(tuple(normalized_shape)), x.dim()))
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    xf = _upcast(x)
+    y = (xf * torch.rsqrt(xf.square().sum(dims, keepdim=True) / full_size + eps)).to(x.dtype)
+    return y * weight if weight is not None else y
+
+
+def group_norm_full_count(x: torch.Tensor, kept_per_group, channels_per_group: int,
+                          weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                          eps: float = 1e-5) -> torch.Tensor:
+    """``F.group_norm`` after channels were removed unevenly from its groups: each group's
+    statistics are taken over its kept channels and divided by its full count
+    (``channels_per_group`` times the positions per channel).
+
+    Args:
+        x: ``(N, C', *)`` with ``C' = sum(kept_per_group)``; the kept channels of group 0
+            first, then group 1's, and so on (a group may keep none).
+        kept_per_group: how many channels each of the full model's groups kept.
+        channels_per_group: channels per group in the full model.
+        weight, bias: ``(C',)`` affine parameters.
+    """
+    n, c = x.shape[0], x.shape[1]
+    xf = _upcast(x).reshape(n, c, -1)
+    positions = xf.shape[-1]
+    count = channels_per_group * positions
+    kept = torch.tensor(list(kept_per_group), device=x.device)
+    member = torch.repeat_interleave(torch.eye(len(kept_per_group), dtype=xf.dtype, device=x.device), kept, dim=0)
+    mean = (xf.sum(-1) @ member) / count  # (N, groups)
+    centred = xf - (mean @ member.t()).unsqueeze(-1)
+    missing = (channels_per_group - kept.to(xf.dtype)) * positions
+    var = ((centred.square().sum(-1) @ member) + missing * mean.square()) / count
+    y = centred * (torch.rsqrt(var + eps) @ member.t()).unsqueeze(-1)
+    y = y.reshape(x.shape).to(x.dtype)
+    shape = (1, c) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return y
+
+
+class CountPreservingLayerNorm(nn.Module):
+    """``nn.LayerNorm`` over the slim channels whose mean and variance divide by the full
+    model's count (:func:`layer_norm_full_count`); the parameters keep ``nn.LayerNorm``'s names.
+
+    Args:
+        normalized_shape: the slim normalised shape.
+        full_size: number of elements of the full model's normalised shape.
+    """
+
+    def __init__(self, normalized_shape, full_size: int, eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True):
+        super().__init__()
+        self.normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        self.full_size, self.eps = int(full_size), eps
+        self.elementwise_affine, self.bias_enabled = elementwise_affine, bias
+        self.weight = nn.Parameter(torch.ones(self.normalized_shape)) if elementwise_affine else None
+        self.bias = nn.Parameter(torch.zeros(self.normalized_shape)) if elementwise_affine and bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm_full_count(x, self.normalized_shape, self.full_size, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, full_size={self.full_size}, eps={self.eps}"
+
+
+class CountPreservingRMSNorm(nn.Module):
+    """``nn.RMSNorm`` over the slim channels whose mean square divides by the full model's
+    count (:func:`rms_norm_full_count`)."""
+
+    def __init__(self, normalized_shape, full_size: int, eps: Optional[float] = None,
+                 elementwise_affine: bool = True):
+        super().__init__()
+        self.normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        self.full_size, self.eps, self.elementwise_affine = int(full_size), eps, elementwise_affine
+        self.weight = nn.Parameter(torch.ones(self.normalized_shape)) if elementwise_affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm_full_count(x, self.normalized_shape, self.full_size, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, full_size={self.full_size}, eps={self.eps}"
+
+
+class CountPreservingGroupNorm(nn.Module):
+    """``nn.GroupNorm`` whose groups lost channels unevenly: statistics per group over its kept
+    channels, divided by its full count (:func:`group_norm_full_count`).
+
+    Args:
+        kept_per_group: kept channels of each of the full model's groups (``num_channels`` is
+            their sum).
+        channels_per_group: channels per group in the full model.
+    """
+
+    def __init__(self, kept_per_group, channels_per_group: int, eps: float = 1e-5, affine: bool = True):
+        super().__init__()
+        self.kept_per_group = tuple(int(k) for k in kept_per_group)
+        self.channels_per_group, self.eps, self.affine = int(channels_per_group), eps, affine
+        self.num_channels = sum(self.kept_per_group)
+        self.weight = nn.Parameter(torch.ones(self.num_channels)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(self.num_channels)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return group_norm_full_count(x, self.kept_per_group, self.channels_per_group, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"kept_per_group={self.kept_per_group}, channels_per_group={self.channels_per_group}, eps={self.eps}"
+
+
 # Every public class and function defined in this file: what fxprune.io.load may rebuild or call.
 __all__ = sorted(name for name, obj in list(globals().items())
                  if not name.startswith("_") and getattr(obj, "__module__", None) == __name__

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import ops_attention, ops_einsum  # noqa: F401  (entries aliased below)
+from . import full_count, ops_attention, ops_einsum  # noqa: F401  (entries aliased below)
 from .channels import TensorChannels, norm_dim
 from .ops_nn import (_dim0, conv_channels, embedding_channels, functional_norm_channels, layernorm_channels,
                      rewrite_conv_groups_arg)
@@ -43,6 +43,7 @@ ALIASES = {
     torch.movedim: [aten.movedim.int],
     torch.mean: [aten.mean.dim], torch.sum: [aten.sum.dim_IntList], torch.amax: [aten.amax.default],
     torch.amin: [aten.amin.default], torch.var: _overloads(aten.var, ["correction", "dim"]),
+    torch.std: _overloads(aten.std, ["correction", "dim"]),
     torch.matmul: [aten.matmul.default, aten.bmm.default, aten.mm.default], torch.einsum: [aten.einsum.default],
     torch.where: _overloads(aten.where, ["self", "ScalarOther", "ScalarSelf", "Scalar"]),
     F.layer_norm: [aten.layer_norm.default], F.group_norm: [aten.group_norm.default],
@@ -169,7 +170,7 @@ register_function(aten.batch_norm.default, name="batch_norm")(_aten_batch_norm(5
 register_function(aten._native_batch_norm_legit_no_training.default, name="batch_norm")(_aten_batch_norm(None))
 
 
-@register_function(aten.native_layer_norm.default, name="layer_norm")
+@register_function(aten.native_layer_norm.default, name="layer_norm", rewrite=full_count.rewrite_native_layer_norm)
 def _native_layer_norm(ctx):
     x = _tc(ctx, ctx.arg(0))
     shape = ctx.arg(1)
@@ -177,12 +178,13 @@ def _native_layer_norm(ctx):
     return _with_stats(ctx, layernorm_channels(ctx, x, len(shape), w, b))
 
 
-@register_function(aten.rms_norm.default, getattr(F, "rms_norm", None), name="rms_norm")
+@register_function(aten.rms_norm.default, getattr(F, "rms_norm", None), name="rms_norm",
+                   rewrite=full_count.rewrite_rms_norm_call)
 def _rms_norm(ctx):
     x = _tc(ctx, ctx.arg(0))
     shape = ctx.arg(1)
     w = _tc(ctx, ctx.arg(2, "weight", None))
-    return layernorm_channels(ctx, x, len(shape), w, None)
+    return layernorm_channels(ctx, x, len(shape), w, None, centred=False)
 
 
 @register_function(aten.native_dropout.default, name="zero_preserving")

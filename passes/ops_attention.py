@@ -13,6 +13,7 @@ import numpy as np
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import full_count
 from .channels import TensorChannels, Track, broadcast_dims, state_mul
 from .ops_nn import layernorm_channels
 from .registry import register_function, register_module
@@ -97,15 +98,8 @@ def _gqa_expanded(q: TensorChannels, kv: TensorChannels) -> Optional[TensorChann
     return TensorChannels(tuple(shape), dims)
 
 
-def _rewrite_rmsnorm(rctx) -> None:
-    m = rctx.module
-    x = rctx.ch(rctx.node.args[0])
-    n = len(m.normalized_shape)
-    m.normalized_shape = tuple(rctx.new_shape(x)[-n:])
-
-
 if hasattr(nn, "RMSNorm"):
-    @register_module(nn.RMSNorm, name="rms_norm", rewrite=_rewrite_rmsnorm)
+    @register_module(nn.RMSNorm, name="rms_norm", rewrite=full_count.rewrite_rms_norm_module)
     def _rmsnorm(ctx):
         m = ctx.module
         x = _tc(ctx, ctx.arg(0, "input"))
@@ -113,7 +107,7 @@ if hasattr(nn, "RMSNorm"):
         w = None
         if m.weight is not None:
             w = TensorChannels(tuple(m.weight.shape), [ctx.param("weight", k, "out") for k in range(n)])
-        return layernorm_channels(ctx, x, n, w, None)
+        return layernorm_channels(ctx, x, n, w, None, centred=False)
 
 
 # ---------------------------------------------------------------------------- nn.MultiheadAttention

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import full_count
 from .channels import ANY, CONST, ZERO, TensorChannels, Track, norm_dim, state_const_map, state_mul
 from .registry import REGISTRY, register_function, register_method, register_module
 from .trace import training_dependent_modules
@@ -320,41 +321,40 @@ def _spatial_rank(op) -> int:
     return 2
 
 
-def _rewrite_groupnorm(rctx) -> None:
-    m = rctx.module
-    x = rctx.ch(rctx.node.args[0])
-    c_new = rctx.new_shape(x)[1]
-    per = m.num_channels // m.num_groups
-    _size_attrs(m, num_channels=c_new, num_groups=c_new // per)
-
-
 def groupnorm_channels(ctx, x: TensorChannels, num_groups: int, weight, bias) -> TensorChannels:
+    """Group norm over dim 1. With an affine weight a channel may go alone: a removed channel
+    must reach the norm as exact zero (its group's sums are unchanged, and the slim model
+    divides by the group's full count, :mod:`fxprune.passes.full_count`) and its zeroed
+    weight and bias make its output zero. Without one, a removed channel would output
+    ``-mean/std`` of its group: only whole groups go (a whole zeroed group normalises to zero,
+    the other groups' statistics untouched)."""
     t = x.dims[1]
     c = x.shape[1]
-    g_units = ctx.fresh(num_groups)
     if t is None:
-        ctx.pin(g_units, "group norm over an input that carries no channels")
         for p in (weight, bias):
             ctx.pin(p, "group norm over an input that carries no channels")
         return x
-    per = c // num_groups
-    ctx.union(np.repeat(g_units.units, per), t.units)
     for p in (weight, bias):
         if p is not None:
             ctx.unify(t, p)
-    affine = weight is not None
-    # a whole zeroed group normalises to zero; other groups' statistics are untouched
-    state = np.full(c, ZERO, np.int8) if affine else t.state.copy()
-    return _with_dim(x, 1, Track(t.units, state))
+    if weight is None:
+        g_units = ctx.fresh(num_groups)
+        ctx.union(np.repeat(g_units.units, c // num_groups), t.units)
+        return _with_dim(x, 1, Track(t.units, t.state.copy()))
+    ctx.require_zero(t, "a group norm's statistics over its groups' channels")
+    zero = weight.state == ZERO
+    if bias is not None:
+        zero &= bias.state == ZERO
+    return _with_dim(x, 1, Track(t.units, np.where(zero, ZERO, ANY).astype(np.int8)))
 
 
-@register_module(nn.GroupNorm, name="group_norm", rewrite=_rewrite_groupnorm)
+@register_module(nn.GroupNorm, name="group_norm", rewrite=full_count.rewrite_group_norm_module)
 def _groupnorm(ctx):
     m = ctx.module
     return groupnorm_channels(ctx, _x(ctx), m.num_groups, ctx.param("weight", 0, "out"), ctx.param("bias", 0, "out"))
 
 
-@register_function(F.group_norm, name="group_norm", rewrite=lambda rctx: _rewrite_groupnorm_fn(rctx))
+@register_function(F.group_norm, name="group_norm", rewrite=full_count.rewrite_group_norm_call)
 def _groupnorm_fn(ctx):
     x = _x(ctx)
     num_groups = ctx.arg(1, "num_groups")
@@ -364,22 +364,22 @@ def _groupnorm_fn(ctx):
                               b.dims[0] if isinstance(b, TensorChannels) else None)
 
 
-def _rewrite_groupnorm_fn(rctx) -> None:
-    x = rctx.ch(rctx.node.args[0])
-    old_c, new_c = x.shape[1], rctx.new_shape(x)[1]
-    g = rctx.arg(1, "num_groups")
-    rctx.set_arg(1, "num_groups", new_c // (old_c // g))
-
-
 def layernorm_channels(ctx, x: TensorChannels, n_norm: int, weight: Optional[TensorChannels],
-                       bias: Optional[TensorChannels]) -> TensorChannels:
-    """LayerNorm over the last ``n_norm`` dims: channels there are normalised together, so
-    removing one (even a zero one) changes the others' statistics: inexact."""
+                       bias: Optional[TensorChannels], centred: bool = True) -> TensorChannels:
+    """Layer norm (``centred``) or RMS norm over the last ``n_norm`` dims.
+
+    Channels there are normalised together: a removed channel must reach the norm as exact
+    zero, which leaves every sum of its statistics unchanged, and the slim model divides by
+    the full count (:mod:`fxprune.passes.full_count`); a removed channel that holds anything
+    else makes them inexact. At a removed position a layer norm outputs ``-mean/std`` (data
+    dependent) before its affine: it comes out zero only where the channel's affine weight is
+    zeroed with it (and its bias, if any); an RMS norm scales zero to zero."""
     dims = list(x.dims)
     if bias is not None:  # a zeroed channel outside the normalised dims comes out as the bias,
         for d in range(x.ndim - n_norm):  # which varies over the normalised dims: not one constant
             if dims[d] is not None:
                 dims[d] = Track(dims[d].units, np.full(len(dims[d]), ANY, np.int8))
+    kind = "a layer norm's" if centred else "an RMS norm's"
     for k in range(n_norm):
         d = x.ndim - n_norm + k
         t = x.dims[d]
@@ -391,21 +391,20 @@ def layernorm_channels(ctx, x: TensorChannels, n_norm: int, weight: Optional[Ten
         for p in ps:
             if p is not None:
                 ctx.unify(t, p)
-        ctx.inexact(t, "normalised together with other channels by a layer norm (its mean and variance change "
-                       "when a channel is removed)")
-        affine = weight is not None  # a zero scale zeroes the channel; its bias is zeroed with it
-        dims[d] = Track(t.units, np.full(len(t), ZERO, np.int8) if affine else state_const_map(t.state))
+        ctx.require_zero(t, f"{kind} statistics over its normalised channels")
+        if centred:
+            w, b = ps
+            zero = np.zeros(len(t), bool) if w is None else w.state == ZERO
+            if b is not None:
+                zero &= b.state == ZERO
+            state = np.where(zero, ZERO, ANY).astype(np.int8)
+        else:
+            state = np.where(t.state == ZERO, ZERO, ANY).astype(np.int8)
+        dims[d] = Track(t.units, state)
     return TensorChannels(x.shape, dims)
 
 
-def _rewrite_layernorm(rctx) -> None:
-    m = rctx.module
-    x = rctx.ch(rctx.node.args[0])
-    n = len(m.normalized_shape)
-    m.normalized_shape = tuple(rctx.new_shape(x)[-n:])
-
-
-@register_module(nn.LayerNorm, name="layer_norm", rewrite=_rewrite_layernorm)
+@register_module(nn.LayerNorm, name="layer_norm", rewrite=full_count.rewrite_layer_norm_module)
 def _layernorm(ctx):
     m = ctx.module
     x = _x(ctx)
@@ -425,7 +424,7 @@ def _param_tc(ctx, attr: str, over: Sequence[Optional[Track]]) -> Optional[Tenso
     return TensorChannels(tuple(t.shape), tracks)
 
 
-@register_function(F.layer_norm, name="layer_norm", rewrite=lambda rctx: _rewrite_layernorm_fn(rctx))
+@register_function(F.layer_norm, name="layer_norm", rewrite=full_count.rewrite_layer_norm_call)
 def _layernorm_fn(ctx):
     x = _x(ctx)
     shape = ctx.arg(1, "normalized_shape")
@@ -434,13 +433,6 @@ def _layernorm_fn(ctx):
     b = ctx.ch(ctx.arg(3, "bias", None))
     return layernorm_channels(ctx, x, n, w if isinstance(w, TensorChannels) else None,
                               b if isinstance(b, TensorChannels) else None)
-
-
-def _rewrite_layernorm_fn(rctx) -> None:
-    x = rctx.ch(rctx.node.args[0])
-    shape = rctx.arg(1, "normalized_shape")
-    if isinstance(shape, (list, tuple)) and all(isinstance(s, int) for s in shape):
-        rctx.set_arg(1, "normalized_shape", type(shape)(rctx.new_shape(x)[-len(shape):]))
 
 
 def functional_norm_channels(ctx, x: TensorChannels, mean, var, weight, bias, uses_stats: bool) -> TensorChannels:
@@ -827,8 +819,8 @@ except ImportError:  # timm is optional
     _timm_norm_act = None
 if _timm_norm_act is not None:
     for _cls_name, _base, _rewrite in (("BatchNormAct2d", _batchnorm, _rewrite_batchnorm),
-                                       ("GroupNormAct", _groupnorm, _rewrite_groupnorm),
-                                       ("LayerNormAct", _layernorm, _rewrite_layernorm),
+                                       ("GroupNormAct", _groupnorm, full_count.rewrite_group_norm_module),
+                                       ("LayerNormAct", _layernorm, full_count.rewrite_layer_norm_module),
                                        ("LayerNormAct2d", None, None)):
         _cls = getattr(_timm_norm_act, _cls_name, None)
         if _cls is not None and _base is not None:

@@ -17,6 +17,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from . import full_count
 from .channels import (ANY, CONST, ZERO, TensorChannels, Track, broadcast_dims, norm_dim, reshape_blocks,
                        state_add, state_const_map, state_mul)
 from .registry import op_name, register_function, register_method, register_module
@@ -752,19 +753,18 @@ def _broadcast_to(ctx, x: TensorChannels, out_shape) -> TensorChannels:
 # ============================================================================ reductions
 
 
-_EXACT_IF_ZERO = {"sum", "nansum", "norm", "linalg_vector_norm"}
+# exact over channels when a removed channel reaches them as zero: sums and norms unchanged;
+# means and variances too, once the slim model divides by the full count (full_count)
+_EXACT_IF_ZERO = {"sum", "nansum", "norm", "mean", "var", "std"}
 
 
 def reduce_channels(ctx, x: TensorChannels, dims_arg, keepdim: bool, kind: str) -> TensorChannels:
-    """Reductions: over non-channel dims they pass channels through; over a channel dim a
-    sum or norm is exact when the removed channels are zero, anything else (mean, max, var)
+    """Reductions: over non-channel dims they pass channels through. Over a channel dim a sum
+    or norm is exact when the removed channels reach it as zero, and so are a mean, variance
+    or standard deviation, which the slim model divides by the full count
+    (:mod:`fxprune.passes.full_count`); a max, product, ``logsumexp`` or NaN-skipping mean
     changes when a channel is removed, so the channels are inexact."""
-    if dims_arg is None or (isinstance(dims_arg, (list, tuple)) and len(dims_arg) == 0):
-        reduced = list(range(x.ndim))
-    elif isinstance(dims_arg, int):
-        reduced = [norm_dim(dims_arg, x.ndim)]
-    else:
-        reduced = [norm_dim(d, x.ndim) for d in dims_arg]
+    reduced = full_count.reduced_dims(dims_arg, x.ndim)
     for d in reduced:
         t = x.dims[d]
         if t is None:
@@ -795,6 +795,11 @@ def _reduction(kind: str):
         if kind in ("norm",):
             dim = ctx.arg(2, "dim", None)
             keep = ctx.arg(3, "keepdim", False)
+        elif kind in ("var", "std"):
+            parsed = full_count.var_arguments(ctx.node)
+            if parsed is None:
+                return ctx.unknown(f"a {kind} with arguments fxprune cannot read")
+            dim, _, keep = parsed
         else:
             keep = ctx.arg(2, "keepdim", False)
         out = reduce_channels(ctx, x, dim, keep, kind)
@@ -806,18 +811,23 @@ def _reduction(kind: str):
     return rule
 
 
+_REWRITES = {"mean": full_count.rewrite_mean, "var": lambda rctx: full_count.rewrite_var(rctx, std=False),
+             "std": lambda rctx: full_count.rewrite_var(rctx, std=True)}
+
 for _kind, _fns, _methods in [
     ("sum", [torch.sum, torch.nansum], ["sum", "nansum"]),
-    ("mean", [torch.mean, torch.nanmean], ["mean", "nanmean"]),
+    ("mean", [torch.mean], ["mean"]),
+    ("NaN-skipping mean", [torch.nanmean], ["nanmean"]),
     ("amax", [torch.amax, torch.max], ["amax", "max"]),
     ("amin", [torch.amin, torch.min], ["amin", "min"]),
-    ("var", [torch.var, torch.std], ["var", "std"]),
+    ("var", [torch.var], ["var"]),
+    ("std", [torch.std], ["std"]),
     ("logsumexp", [torch.logsumexp], ["logsumexp"]),
     ("prod", [torch.prod], ["prod"]),
     ("norm", [torch.norm], ["norm"]),
 ]:
-    register_function(*_fns, name=_kind)(_reduction(_kind))
-    register_method(*_methods, name=_kind)(_reduction(_kind))
+    register_function(*_fns, name=_kind, rewrite=_REWRITES.get(_kind))(_reduction(_kind))
+    register_method(*_methods, name=_kind, rewrite=_REWRITES.get(_kind))(_reduction(_kind))
 
 
 @register_function(torch.linalg.vector_norm, name="norm")

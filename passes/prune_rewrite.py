@@ -35,12 +35,14 @@ class RewriteContext:
     module, the original channel tracks, and the new sizes."""
 
     def __init__(self, gm: torch.fx.GraphModule, node: torch.fx.Node, ca: ChannelAnalysis,
-                 sym: SymbolicShapes, keep: Mapping):
+                 sym: SymbolicShapes, keep: Mapping, alive: Optional[np.ndarray] = None):
+        """``alive``: bool per channel element, False where removed (:func:`element_keep`)."""
         self.gm = gm
         self.node = node
         self.ca = ca
         self.sym = sym
         self.keep = keep
+        self.alive = alive if alive is not None else element_keep(ca, keep)
         self.module = gm.get_submodule(node.target) if node.op == "call_module" else None
 
     def ch(self, value: Any) -> Any:
@@ -67,6 +69,14 @@ class RewriteContext:
         if default is _MISSING:
             raise RewriteError(f"missing argument {name or index}", self.node)
         return default
+
+    def replace_module(self, module: torch.nn.Module) -> None:
+        """Put ``module`` in place of the node's module (same qualified name, train/eval flag
+        kept); every node calling that name now calls ``module``."""
+        module.train(self.module.training)
+        path, _, attr = str(self.node.target).rpartition(".")
+        setattr(self.gm.get_submodule(path) if path else self.gm, attr, module)
+        self.module = module
 
     def set_arg(self, index: Optional[int], name: Optional[str], value: Any) -> None:
         if index is not None and index < len(self.node.args):
@@ -119,7 +129,7 @@ def prune_rewrite(gm: torch.fx.GraphModule, keep: Mapping[int, np.ndarray],
         if spec is None or spec.rewrite is None:
             continue
         try:
-            spec.rewrite(RewriteContext(new, node, ca, sym, keep))
+            spec.rewrite(RewriteContext(new, node, ca, sym, keep, alive))
         except RewriteError:
             raise
         except Exception as exc:

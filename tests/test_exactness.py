@@ -516,9 +516,10 @@ def test_construct_without_zeroing_is_identity():
 
 
 def test_inexact_group_fails_verification():
-    """LayerNorm over the channel: the group is inexact. If a user forces it (allow_inexact), the
-    verifier must catch the difference instead of returning a wrong model."""
-    model = randomize_(TokenSandwich(nn.LayerNorm(C))).eval().double()
+    """A LayerNorm without affine parameters over the channel: the group is inexact (a removed
+    channel comes out as ``-mean/std``). If a user forces it (allow_inexact), the verifier must
+    catch the difference instead of returning a wrong model."""
+    model = randomize_(TokenSandwich(nn.LayerNorm(C, elementwise_affine=False))).eval().double()
     x = tokens().double()
     prog = fxprune.compile(model, (x,))
     g = group_of(prog, "fc1.weight")

@@ -10,10 +10,13 @@ from __future__ import annotations
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import fxprune
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -293,23 +296,47 @@ def test_functional_instance_norm():
 
 
 @pytest.mark.parametrize("num_groups,channels", [(4, 8), (2, 12), (8, 8), (3, 12)])
-def test_groupnorm_whole_groups(num_groups, channels):
-    res = equiv(Sandwich(nn.GroupNorm(num_groups, channels), c_in=channels, bn=False), [image()])
+def test_groupnorm_without_affine_whole_groups(num_groups, channels):
+    """Without an affine weight a removed channel would output its group's ``-mean/std``:
+    only whole groups go, and the slim GroupNorm keeps channels per group with fewer groups."""
+    res = equiv(Sandwich(nn.GroupNorm(num_groups, channels, affine=False), c_in=channels, bn=False), [image()])
     g = probe_check(res, True)
     per = channels // num_groups
     # one channel of the fxprune group is one whole GroupNorm group
     assert g.size == num_groups, f"GroupNorm({num_groups}, {channels}) gave a group of size {g.size}"
     for s in list(g.slices) + list(g.dependents):
-        if s.param in ("conv1.weight", "probe.weight", "probe.bias"):
+        if s.param == "conv1.weight":
             for c in range(g.size):
                 idx = sorted(s.indices_of(c).tolist())
                 assert len(idx) == per, (s, c, idx)
                 assert idx == list(range(idx[0], idx[0] + per)), f"{s}: channel {c} owns {idx}"
-    # the slim GroupNorm keeps channels-per-group and fewer groups
     gn = res.slim.get_submodule("probe")
-    assert gn.num_channels % gn.num_groups == 0
-    assert gn.num_channels // gn.num_groups == per
+    assert isinstance(gn, nn.GroupNorm) and gn.num_channels // gn.num_groups == per
     assert gn.num_groups < num_groups if num_groups >= 3 else gn.num_groups <= num_groups
+
+
+@pytest.mark.parametrize("num_groups,channels", [(4, 8), (2, 12), (3, 12)])
+def test_groupnorm_channels_go_alone(num_groups, channels):
+    """With an affine weight each channel is its own: groups lose channels unevenly and the
+    slim norm divides each group's statistics by its full count."""
+    from fxprune.modules import CountPreservingGroupNorm
+
+    res = equiv(Sandwich(nn.GroupNorm(num_groups, channels), c_in=channels, bn=False), [image()])
+    g = probe_check(res, True)
+    assert g.size == channels and g.exact, repr(g)
+    assert isinstance(res.slim.get_submodule("probe"), CountPreservingGroupNorm)
+
+
+def test_groupnorm_whole_groups_keep_a_stock_module():
+    """Channels removed in whole groups leave a stock GroupNorm with fewer groups."""
+    model = Sandwich(nn.GroupNorm(4, 8), bn=False).eval()
+    prog = fxprune.compile(model, (image(),))
+    g = group_of(prog, "conv1.weight")
+    keep = np.ones(g.size, bool)
+    keep[[2, 3, 6, 7]] = False  # groups 1 and 3
+    prog.zero_({g.id: keep})
+    gn = prog.construct_subnet().get_submodule("probe")
+    assert type(gn) is nn.GroupNorm and (gn.num_groups, gn.num_channels) == (2, 4)
 
 
 def test_functional_group_norm():
@@ -324,19 +351,32 @@ def test_functional_group_norm():
         def forward(self, x):
             return self.conv2(F.group_norm(self.conv1(x), 4, self.w, self.b))
 
-    res = equiv(M(), [image()], expect_pruned=False)
+    res = equiv(M(), [image()])
     g = group_of(res.prog, "conv1.weight")
-    assert_exact_or_explained(g, ["group_norm"])
-    if g.prunable:
-        assert g.size == 4
+    assert g.prunable and g.exact and g.size == 8, repr(g)
+    assert "group_norm_full_count" in res.slim.code
 
 
-def test_layernorm_over_channel_is_inexact():
+def test_layernorm_over_channel_is_exact():
+    """A LayerNorm over the channel: a removed channel is zero at its input, and the slim
+    LayerNorm divides by the full width."""
+    from fxprune.modules import CountPreservingLayerNorm
+
     res = equiv(TokenSandwich(nn.LayerNorm(C)), [tokens()])
     g = group_of(res.prog, "fc1.weight")
-    assert not g.exact, f"LayerNorm over the channel must make its group inexact: {g!r}"
-    assert g.reason and any(n in g.reason for n in probe_nodes(res.prog.module)), g
-    # the other group is still pruned
+    assert_prunable(g)
+    assert {s.param for s in g.slices} >= {"probe.weight", "probe.bias"}
+    ln = res.slim.get_submodule("probe")
+    assert isinstance(ln, CountPreservingLayerNorm) and ln.full_size == C and ln.normalized_shape[0] < C
+    assert_prunable(group_of(res.prog, "fc2.weight"))
+
+
+def test_layernorm_without_affine_over_channel_is_inexact():
+    """Without an affine weight a removed channel leaves the LayerNorm as ``-mean/std``, which
+    the next layer reads: inexact, with the reason naming the norm."""
+    res = equiv(TokenSandwich(nn.LayerNorm(C, elementwise_affine=False)), [tokens()])
+    g = group_of(res.prog, "fc1.weight")
+    assert not g.exact and not g.prunable and "probe" in g.reason, repr(g)
     assert_prunable(group_of(res.prog, "fc2.weight"))
 
 
@@ -357,8 +397,7 @@ def test_layernorm_channels_last_convnext_style():
             return self.conv2(x + y.permute(0, 3, 1, 2))
 
     res = equiv(M(), [image()])
-    g = group_of(res.prog, "conv1.weight")
-    assert not g.exact and g.reason, g
+    assert_prunable(group_of(res.prog, "conv1.weight"))
     assert_prunable(group_of(res.prog, "pw1.weight"))
 
 
@@ -1880,12 +1919,13 @@ def test_addcmul_affine(frontend):
     assert res.slim.get_parameter("alpha").shape[0] < 8
 
 
-def test_addcmul_grn_mean_over_channels_is_inexact():
-    """GRN divides by a mean over the channels: removing a channel changes that mean, so the
-    group is marked inexact with the reason, not pruned."""
-    res = equiv(AffineAddcmul(grn=True), [tokens()], expect_pruned=False)
+def test_addcmul_grn_mean_over_channels_is_exact():
+    """GRN divides by a mean over the channels: a removed channel is zero there, so the slim
+    model's mean divides the same sum by the full count and the group stays exact."""
+    res = equiv(AffineAddcmul(grn=True), [tokens()])
     g = group_of(res.prog, "fc1.weight")
-    assert not g.prunable and not g.exact and "mean over channels" in g.reason, repr(g)
+    assert_prunable(g, "GRN")
+    assert "mean_full_count" in res.slim.code
 
 
 def test_export_in_place_add_and_antialiased_resampling():
