@@ -59,7 +59,7 @@ class Group:
             never zeroed.
         prunable: whether construction may remove channels of this group.
         exact: whether removing a zeroed channel leaves the output unchanged (False e.g. when
-            the channel is normalised together with others by a LayerNorm).
+            the channel is normalised together with others by a softmax).
         reason: why the group is frozen or inexact (names the node and op), else None.
         nodes: names of the graph nodes whose outputs carry the group's channels.
     """

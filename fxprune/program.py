@@ -112,7 +112,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, mode: Union[str, Seq
         concrete_args: arguments fixed at trace time (``torch.fx.Tracer.trace``). Parameters
             of ``forward`` after those the example inputs give are fixed at their defaults.
         tracer: a ``torch.fx.Tracer`` of your own.
-        allow_inexact: let groups that are not zero-invariant (e.g. normalised by a LayerNorm)
+        allow_inexact: let groups that are not zero-invariant (e.g. normalised by a softmax)
             be pruned; their slim model then differs from the full one.
         frontend: ``"fx"`` (symbolic tracing: module-level graph, readable code), ``"export"``
             (``torch.export``, ATen-level graph) or ``"auto"``: symbolic tracing, and

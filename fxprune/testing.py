@@ -33,7 +33,7 @@ class EquivalenceResult:
 def randomize_norms(model: torch.nn.Module, seed: int = 0) -> None:
     """Random running statistics and affine parameters for every normalisation layer."""
     g = torch.Generator().manual_seed(seed)
-    norm_types = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
+    norm_types = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.RMSNorm)
     for m in model.modules():
         if not isinstance(m, norm_types):
             continue

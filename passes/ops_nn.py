@@ -580,9 +580,14 @@ def _prelu_fn(ctx):
 
 
 def softmax_channels(ctx, x: TensorChannels, dim: int) -> TensorChannels:
+    """Along ``dim`` every output depends on every input (inexact), and a removed channel
+    comes out as ``exp(0) / sum``, data dependent; along the other dims a zeroed slice comes
+    out as one constant (``1/n``)."""
     d = norm_dim(dim, x.ndim)
     ctx.inexact(x.dims[d], "normalised together with other channels by a softmax")
-    return x.map_state(state_const_map)
+    out = x.map_state(state_const_map)
+    t = out.dims[d]
+    return out if t is None else _with_dim(out, d, Track(t.units, np.full(len(t), ANY, np.int8)))
 
 
 @register_module(nn.Softmax, nn.LogSoftmax, nn.Softmin, name="softmax")

@@ -163,7 +163,7 @@ class RuleContext:
             self.analysis.pins.append((track.units.copy(), f"{reason} ({self.where()})"))
 
     def inexact(self, track: Optional[Track], reason: str) -> None:
-        """Removing these channels would change the output (e.g. a LayerNorm over them)."""
+        """Removing these channels would change the output (e.g. a softmax over them)."""
         if track is not None and len(track):
             self.touched.append(track.units)
             self.analysis.inexact.append((track.units.copy(), f"{reason} ({self.where()})"))
