@@ -111,10 +111,11 @@ def _merge_masks(attn_mask, key_padding_mask, dtype, n, lq, ls) -> Optional[torc
 
 
 def _reduce_dims(x: torch.Tensor, dim) -> Tuple[int, ...]:
+    """The reduced dims, non-negative, in the order given (``full_sizes`` follows it)."""
     if dim is None:
         return tuple(range(x.dim()))
     dims = (dim,) if isinstance(dim, int) else tuple(dim)
-    return tuple(sorted(d % x.dim() for d in dims)) if dims else tuple(range(x.dim()))
+    return tuple(d % x.dim() for d in dims) if dims else tuple(range(x.dim()))
 
 
 def _full_count(x: torch.Tensor, dims: Tuple[int, ...], full_sizes) -> int:
@@ -252,8 +253,9 @@ def group_norm_full_count(x: torch.Tensor, kept_per_group, channels_per_group: i
     xf = _upcast(x).reshape(n, c, -1)
     positions = xf.shape[-1]
     count = channels_per_group * positions
+    group_of = torch.tensor([g for g, k in enumerate(kept_per_group) for _ in range(k)], device=x.device)
+    member = torch.eye(len(kept_per_group), dtype=xf.dtype, device=x.device)[group_of]  # (C', groups)
     kept = torch.tensor(list(kept_per_group), device=x.device)
-    member = torch.repeat_interleave(torch.eye(len(kept_per_group), dtype=xf.dtype, device=x.device), kept, dim=0)
     mean = (xf.sum(-1) @ member) / count  # (N, groups)
     centred = xf - (mean @ member.t()).unsqueeze(-1)
     missing = (channels_per_group - kept.to(xf.dtype)) * positions

@@ -3,7 +3,7 @@
 Pipeline (see :class:`Pipeline`): trace -> shape_prop -> op_semantics -> channel_deps ->
 symbolic_shapes; then the prune rewrite builds the slim model.
 """
-from . import ops_aten, ops_attention, ops_library, ops_nn, ops_tensor  # noqa: F401  (register the op semantics)
+from . import ops_aten, ops_attention, ops_full_count, ops_library, ops_nn, ops_tensor  # noqa: F401  (op semantics)
 from .channel_deps import ChannelAnalysis, ChannelDepsPass, build_groups, walk
 from .channels import ANY, CONST, ZERO, TensorChannels, Track
 from .op_semantics import OpSemanticsPass

@@ -19,6 +19,10 @@ the full model's statistics exactly:
   :class:`~fxprune.modules.CountPreservingGroupNorm` (each group divides by its own full
   count).
 
+A slim model compiled again keeps these forms: the same functions and modules then only get
+their slim shapes updated, the full count staying the original model's
+(:mod:`fxprune.passes.ops_full_count` gives them their channel semantics).
+
 Each function here is the registry ``rewrite`` of its op (:mod:`fxprune.passes.prune_rewrite`
 calls it with a :class:`~fxprune.passes.prune_rewrite.RewriteContext`); an op whose reduced
 dims kept every channel is left as it is.
@@ -294,3 +298,66 @@ def rewrite_group_norm_call(rctx) -> None:
     _call(rctx, group_norm_full_count, (rctx.node.args[0], value, x.shape[1] // g, rctx.arg(2, "weight", None),
                                         rctx.arg(3, "bias", None), rctx.arg(4, "eps", 1e-5)))
 
+
+
+# ---------------------------------------------------------------------------- a slim model pruned again
+
+
+def rewrite_normalized_shape(rctx) -> None:
+    """``layer_norm_full_count`` / ``native_layer_norm_full_count`` / ``rms_norm_full_count``
+    (input, normalized_shape, ...): the slim shape shrinks, the full count stays."""
+    x = rctx.ch(rctx.node.args[0])
+    n = len(_shape_arg(rctx.arg(1, "normalized_shape")))
+    shrunk, _, slim = _shrunk_dims(rctx, x, _last_dims(x, n))
+    if shrunk:
+        rctx.set_arg(1, "normalized_shape", slim)
+
+
+def rewrite_module_normalized_shape(rctx) -> None:
+    """``CountPreservingLayerNorm`` / ``CountPreservingRMSNorm``: the slim shape shrinks."""
+    m = rctx.module
+    x = rctx.ch(rctx.node.args[0])
+    shrunk, _, slim = _shrunk_dims(rctx, x, _last_dims(x, len(m.normalized_shape)))
+    if shrunk:
+        m.normalized_shape = slim
+
+
+def rewrite_full_sizes(index: int):
+    """The rewrite of ``mean_full_count`` (``full_sizes`` at ``index`` 3) or ``var_full_count``
+    / ``std_full_count`` (4): a reduced dim that loses channels now records its size before."""
+
+    def rewrite(rctx) -> None:
+        x = rctx.ch(rctx.node.args[0])
+        dims = reduced_dims(rctx.arg(1, "dim", None), x.ndim)
+        before = rctx.arg(index, "full_sizes", None) or ()
+        new = rctx.new_shape(x)
+        sizes = tuple(before[k] if k < len(before) and before[k] is not None
+                      else (x.shape[d] if new[d] != x.shape[d] else None) for k, d in enumerate(dims))
+        rctx.set_arg(index, "full_sizes", sizes)
+
+    return rewrite
+
+
+def _kept_after(rctx, x: TensorChannels, kept_before: Sequence[int]) -> Tuple[int, ...]:
+    """Each group's kept channels after this pruning, from its channels before."""
+    t = x.dims[1]
+    if t is None:
+        return tuple(kept_before)
+    alive = rctx.alive[t.units]
+    bounds = [0]
+    for k in kept_before:
+        bounds.append(bounds[-1] + k)
+    return tuple(int(alive[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:]))
+
+
+def rewrite_group_norm_full_count(rctx) -> None:
+    """``group_norm_full_count(input, kept_per_group, ...)``: fewer channels kept per group."""
+    x = rctx.ch(rctx.node.args[0])
+    rctx.set_arg(1, "kept_per_group", _kept_after(rctx, x, rctx.arg(1, "kept_per_group")))
+
+
+def rewrite_count_preserving_group_norm(rctx) -> None:
+    """``CountPreservingGroupNorm``: fewer channels kept per group."""
+    m = rctx.module
+    m.kept_per_group = _kept_after(rctx, rctx.ch(rctx.node.args[0]), m.kept_per_group)
+    m.num_channels = sum(m.kept_per_group)

@@ -321,13 +321,15 @@ def _spatial_rank(op) -> int:
     return 2
 
 
-def groupnorm_channels(ctx, x: TensorChannels, num_groups: int, weight, bias) -> TensorChannels:
+def groupnorm_channels(ctx, x: TensorChannels, num_groups: int, weight, bias,
+                       group_sizes: Optional[Sequence[int]] = None) -> TensorChannels:
     """Group norm over dim 1. With an affine weight a channel may go alone: a removed channel
     must reach the norm as exact zero (its group's sums are unchanged, and the slim model
     divides by the group's full count, :mod:`fxprune.passes.full_count`) and its zeroed
     weight and bias make its output zero. Without one, a removed channel would output
     ``-mean/std`` of its group: only whole groups go (a whole zeroed group normalises to zero,
-    the other groups' statistics untouched)."""
+    the other groups' statistics untouched). ``group_sizes``: channels of each group where
+    they differ (a slim model's group norm); default ``C // num_groups`` each."""
     t = x.dims[1]
     c = x.shape[1]
     if t is None:
@@ -339,7 +341,8 @@ def groupnorm_channels(ctx, x: TensorChannels, num_groups: int, weight, bias) ->
             ctx.unify(t, p)
     if weight is None:
         g_units = ctx.fresh(num_groups)
-        ctx.union(np.repeat(g_units.units, c // num_groups), t.units)
+        sizes = [c // num_groups] * num_groups if group_sizes is None else list(group_sizes)
+        ctx.union(np.repeat(g_units.units, sizes), t.units)
         return _with_dim(x, 1, Track(t.units, t.state.copy()))
     ctx.require_zero(t, "a group norm's statistics over its groups' channels")
     zero = weight.state == ZERO

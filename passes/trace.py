@@ -96,11 +96,15 @@ class FxPruneTracer(torch.fx.Tracer):
 
     def __init__(self, leaf_modules: Iterable[Union[type, str]] = (),
                  trace_through: Optional[Iterable[Callable]] = None, **kwargs):
+        from .ops_full_count import FUNCTIONS, LEAF_MODULES  # a slim model's count-preserving norms
+
         kwargs.setdefault("autowrap_modules", (math,))
+        kwargs.setdefault("autowrap_functions", FUNCTIONS)
         super().__init__(**kwargs)
         self.modules_done = 0  # module calls traced to their end (how far a failed trace got)
         leaf_modules = tuple(leaf_modules)
-        self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type)) + training_dependent_modules()
+        self.leaf_types = (tuple(m for m in leaf_modules if isinstance(m, type)) + training_dependent_modules()
+                           + LEAF_MODULES)
         self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
         self.trace_through = tuple(functions_to_trace_through() if trace_through is None else trace_through)
 

@@ -340,3 +340,41 @@ def test_slim_model_with_count_preserving_norms_exports(tmp_path, fmt):
     _, slim, x = _slim_with_norms()
     res = fxprune.export(slim, (x,), tmp_path / f"slim.{fmt}", format=fmt)
     assert res.max_abs_diff < 1e-4
+
+
+def test_a_slim_model_compiled_again_keeps_its_norms_exact():
+    """The count-preserving norms of a slim model have the semantics of the stock ones: a slim
+    model compiled again prunes its channels exactly, the full count staying the original's.
+    (Symbolic tracing keeps them whole; ``torch.export`` would decompose them, so a slim model
+    is compiled again with ``frontend="fx"``, which ``"auto"`` tries first.)"""
+    prog, slim, x = _slim_with_norms()
+    again = fxprune.compile(slim, (x,))
+    g = group_of(again, "conv1.weight")
+    assert g.prunable and g.exact, repr(g)
+    keep = np.ones(g.size, bool)
+    keep[[0, 3]] = False
+    again.zero_({g.id: keep})
+    slimmer = again.construct_subnet()
+    assert slimmer.get_parameter("conv1.weight").shape[0] == g.size - 2
+    gn = next(m for m in slimmer.modules() if isinstance(m, fm.CountPreservingGroupNorm))
+    assert gn.channels_per_group == 4 and sum(gn.kept_per_group) == g.size - 2
+    with torch.no_grad():
+        torch.testing.assert_close(slimmer(x), again.module(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_slim_transformer_compiled_again(frontend):
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(16, 8, 2, 4, 32, 64, num_classes=5).eval().double()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    for front in (frontend, "fx"):  # prune, then prune the slim model (a GraphModule) again
+        prog = fxprune.compile(model, (x,), frontend=front)
+        residual = max((g for g in prog.groups if g.prunable), key=lambda g: len(g.params))
+        assert residual.exact and "conv_proj.weight" in residual.params, repr(residual)
+        keep = np.ones(residual.size, bool)
+        keep[: residual.size // 4] = False
+        prog.zero_({residual.id: keep})
+        model = prog.construct_subnet(verify=True, rtol=1e-9)
+    assert model.get_parameter("conv_proj.weight").shape[0] == 32 - 8 - 6
