@@ -249,6 +249,17 @@ def group_norm_full_count(x: torch.Tensor, kept_per_group, channels_per_group: i
         channels_per_group: channels per group in the full model.
         weight, bias: ``(C',)`` affine parameters.
     """
+    return _group_norm_full_count(x, kept_per_group, channels_per_group, weight, bias, eps)[0]
+
+
+def native_group_norm_full_count(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                                 kept_per_group, channels_per_group: int, eps: float):
+    """``aten.native_group_norm`` with each group's full count: ``(output, mean, rstd)``, the
+    statistics shaped ``(N, groups)`` (:func:`group_norm_full_count`)."""
+    return _group_norm_full_count(x, kept_per_group, channels_per_group, weight, bias, eps)
+
+
+def _group_norm_full_count(x, kept_per_group, channels_per_group, weight, bias, eps):
     n, c = x.shape[0], x.shape[1]
     xf = _upcast(x).reshape(n, c, -1)
     positions = xf.shape[-1]
@@ -259,15 +270,14 @@ def group_norm_full_count(x: torch.Tensor, kept_per_group, channels_per_group: i
     mean = (xf.sum(-1) @ member) / count  # (N, groups)
     centred = xf - (mean @ member.t()).unsqueeze(-1)
     missing = (channels_per_group - kept.to(xf.dtype)) * positions
-    var = ((centred.square().sum(-1) @ member) + missing * mean.square()) / count
-    y = centred * (torch.rsqrt(var + eps) @ member.t()).unsqueeze(-1)
-    y = y.reshape(x.shape).to(x.dtype)
+    rstd = torch.rsqrt(((centred.square().sum(-1) @ member) + missing * mean.square()) / count + eps)
+    y = (centred * (rstd @ member.t()).unsqueeze(-1)).reshape(x.shape).to(x.dtype)
     shape = (1, c) + (1,) * (x.dim() - 2)
     if weight is not None:
         y = y * weight.reshape(shape)
     if bias is not None:
         y = y + bias.reshape(shape)
-    return y
+    return y, mean, rstd
 
 
 class CountPreservingLayerNorm(nn.Module):

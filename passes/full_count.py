@@ -14,10 +14,11 @@ the full model's statistics exactly:
 * an RMS norm keeps its stock module where it can: over ``D'`` of ``D`` channels,
   ``x / sqrt(sum(x^2)/D + eps) * w`` equals a stock RMS norm with weight ``w * sqrt(D/D')``
   and epsilon ``eps * D/D'``; a functional one becomes :func:`~fxprune.modules.rms_norm_full_count`;
-* a group norm whose groups lost whole groups only stays a stock group norm with fewer
+* a group norm (``nn.GroupNorm``, ``F.group_norm``, ``aten.group_norm``,
+  ``aten.native_group_norm``) that lost whole groups only stays a stock group norm with fewer
   groups; one whose groups lost channels unevenly becomes
-  :class:`~fxprune.modules.CountPreservingGroupNorm` (each group divides by its own full
-  count).
+  :class:`~fxprune.modules.CountPreservingGroupNorm` / ``group_norm_full_count`` /
+  ``native_group_norm_full_count`` (each group divides by its own full count).
 
 A slim model compiled again keeps these forms: the same functions and modules then only get
 their slim shapes updated, the full count staying the original model's
@@ -283,6 +284,24 @@ def rewrite_group_norm_module(rctx) -> None:
     _replace(rctx, new)
 
 
+def rewrite_native_group_norm(rctx) -> None:
+    """``aten.native_group_norm(input, weight, bias, N, C, HxW, group, eps)``: fewer groups
+    when whole groups went, else :func:`fxprune.modules.native_group_norm_full_count`."""
+    from fxprune.modules import native_group_norm_full_count
+
+    x = rctx.ch(rctx.node.args[0])
+    g = rctx.arg(6)
+    plan, value = group_norm_plan(rctx, x, g)
+    if plan == "same":
+        return
+    args = list(rctx.node.args)
+    if plan == "fewer_groups":
+        args[4], args[6] = rctx.new_shape(x)[1], value
+        rctx.node.args = tuple(args)
+        return
+    _call(rctx, native_group_norm_full_count, (args[0], args[1], args[2], value, x.shape[1] // g, args[7]))
+
+
 def rewrite_group_norm_call(rctx) -> None:
     """``F.group_norm`` / ``aten.group_norm`` (input, num_groups, weight, bias, eps)."""
     from fxprune.modules import group_norm_full_count
@@ -350,10 +369,15 @@ def _kept_after(rctx, x: TensorChannels, kept_before: Sequence[int]) -> Tuple[in
     return tuple(int(alive[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:]))
 
 
-def rewrite_group_norm_full_count(rctx) -> None:
-    """``group_norm_full_count(input, kept_per_group, ...)``: fewer channels kept per group."""
-    x = rctx.ch(rctx.node.args[0])
-    rctx.set_arg(1, "kept_per_group", _kept_after(rctx, x, rctx.arg(1, "kept_per_group")))
+def rewrite_kept_per_group(index: int):
+    """The rewrite of ``group_norm_full_count`` (``kept_per_group`` at ``index`` 1) or
+    ``native_group_norm_full_count`` (3): fewer channels kept per group."""
+
+    def rewrite(rctx) -> None:
+        x = rctx.ch(rctx.node.args[0])
+        rctx.set_arg(index, "kept_per_group", _kept_after(rctx, x, rctx.arg(index, "kept_per_group")))
+
+    return rewrite
 
 
 def rewrite_count_preserving_group_norm(rctx) -> None:

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from . import full_count, ops_attention, ops_einsum  # noqa: F401  (entries aliased below)
 from .channels import TensorChannels, norm_dim
-from .ops_nn import (_dim0, conv_channels, embedding_channels, functional_norm_channels, layernorm_channels,
-                     rewrite_conv_groups_arg)
+from .ops_nn import (_dim0, conv_channels, embedding_channels, functional_norm_channels, groupnorm_channels,
+                     layernorm_channels, rewrite_conv_groups_arg)
 from .ops_tensor import _pieces, elementwise_channels, index_channels, matmul_channels
 from .registry import REGISTRY, OpSpec, register_function
 from .size_flow import record_size
@@ -176,6 +176,14 @@ def _native_layer_norm(ctx):
     shape = ctx.arg(1)
     w, b = _tc(ctx, ctx.arg(2)), _tc(ctx, ctx.arg(3))
     return _with_stats(ctx, layernorm_channels(ctx, x, len(shape), w, b))
+
+
+@register_function(aten.native_group_norm.default, name="group_norm", rewrite=full_count.rewrite_native_group_norm)
+def _native_group_norm(ctx):
+    """``aten.native_group_norm(input, weight, bias, N, C, HxW, group, eps)``."""
+    w, b = _tc(ctx, ctx.arg(1)), _tc(ctx, ctx.arg(2))
+    return _with_stats(ctx, groupnorm_channels(ctx, _tc(ctx, ctx.arg(0)), ctx.arg(6), w.dims[0] if w else None,
+                                               b.dims[0] if b else None))
 
 
 @register_function(aten.rms_norm.default, getattr(F, "rms_norm", None), name="rms_norm",

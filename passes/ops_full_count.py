@@ -60,13 +60,22 @@ def _var(ctx):
     return reduce_channels(ctx, _x(ctx), ctx.arg(1, "dim", None), ctx.arg(3, "keepdim", False), "var")
 
 
-@register_function(fm.group_norm_full_count, name="group_norm", rewrite=full_count.rewrite_group_norm_full_count)
-def _group_norm(ctx):
-    """``group_norm_full_count(input, kept_per_group, channels_per_group, weight, bias, eps)``."""
-    kept = ctx.arg(1, "kept_per_group")
-    w, b = _tc(ctx, ctx.arg(3, "weight", None)), _tc(ctx, ctx.arg(4, "bias", None))
+def _group_norm_channels(ctx, kept, w, b):
     return groupnorm_channels(ctx, _x(ctx), len(kept), w.dims[0] if w is not None else None,
                               b.dims[0] if b is not None else None, group_sizes=kept)
+
+
+@register_function(fm.group_norm_full_count, name="group_norm", rewrite=full_count.rewrite_kept_per_group(1))
+def _group_norm(ctx):
+    """``group_norm_full_count(input, kept_per_group, channels_per_group, weight, bias, eps)``."""
+    return _group_norm_channels(ctx, ctx.arg(1, "kept_per_group"), _tc(ctx, ctx.arg(3, "weight", None)),
+                                _tc(ctx, ctx.arg(4, "bias", None)))
+
+
+@register_function(fm.native_group_norm_full_count, name="group_norm", rewrite=full_count.rewrite_kept_per_group(3))
+def _native_group_norm(ctx):
+    """``native_group_norm_full_count(input, weight, bias, kept_per_group, channels_per_group, eps)``."""
+    return _with_stats(ctx, _group_norm_channels(ctx, ctx.arg(3), _tc(ctx, ctx.arg(1)), _tc(ctx, ctx.arg(2))))
 
 
 @register_module(fm.CountPreservingLayerNorm, name="layer_norm", rewrite=full_count.rewrite_module_normalized_shape)
@@ -93,4 +102,5 @@ def _group_norm_module(ctx):
 
 LEAF_MODULES = (fm.CountPreservingLayerNorm, fm.CountPreservingRMSNorm, fm.CountPreservingGroupNorm)
 FUNCTIONS = (fm.layer_norm_full_count, fm.native_layer_norm_full_count, fm.rms_norm_full_count,
-             fm.mean_full_count, fm.var_full_count, fm.std_full_count, fm.group_norm_full_count)
+             fm.mean_full_count, fm.var_full_count, fm.std_full_count, fm.group_norm_full_count,
+             fm.native_group_norm_full_count)

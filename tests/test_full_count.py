@@ -86,6 +86,9 @@ def test_group_norm_function_with_uneven_groups():
     full = F.group_norm(x, 3, w, b, 1e-5)[:, k]
     torch.testing.assert_close(fm.group_norm_full_count(x[:, k], (1, 3, 4), 4, w[k], b[k], 1e-5), full,
                                rtol=1e-12, atol=1e-12)
+    out, mean, rstd = fm.native_group_norm_full_count(x[:, k], w[k], b[k], (1, 3, 4), 4, 1e-5)
+    ref = torch.ops.aten.native_group_norm(x, w, b, 2, 12, 9, 3, 1e-5)
+    torch.testing.assert_close((out, mean, rstd), (ref[0][:, k], ref[1], ref[2]), rtol=1e-12, atol=1e-12)
 
 
 def test_half_precision_statistics_are_accumulated_in_float32():
@@ -163,6 +166,8 @@ class ImageNorms:
     cases = {
         "GroupNorm": lambda: nn.GroupNorm(2, C),
         "F.group_norm": lambda: _Affine(lambda x, w, b: F.group_norm(x, 4, w, b)),
+        "aten.native_group_norm": lambda: _Affine(lambda x, w, b: torch.ops.aten.native_group_norm.default(
+            x, w, b, x.shape[0], C, x.shape[2] * x.shape[3], 2, 1e-5)[0]),
         "LayerNorm2d": lambda: LayerNorm2d(C),
         "grn": lambda: GRN(C),
         "channel_mean": lambda: _Affine(lambda x, w, b: x * (1 + x.mean(1, keepdim=True)) * w[:, None, None]),
