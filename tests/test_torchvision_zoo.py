@@ -78,7 +78,7 @@ def test_zoo_equivalence(name):
     assert res.params_slim < res.params_full, (
         f"{name}: slim model not smaller ({res.params_slim} vs {res.params_full} parameters)")
     if _models.is_transformer(name):  # the residual stream: the widest group, through the norms
-        norms = {n for n, m in res.prog.module.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+        norms = {n for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
         normed = [g for g in exact if any(p.rpartition(".")[0] in norms for p in g.params)]
         assert normed, f"{name}: no prunable exact group through a LayerNorm:\n" + res.prog.summary()
 
