@@ -479,6 +479,7 @@ def embedding_channels(ctx, w: Optional[TensorChannels], idx: TensorChannels) ->
         return ctx.unknown("embedding of a computed table")
     ctx.pin(w.dims[0], "embedding rows are addressed by token index")
     col = w.dims[1]
+    ctx.produce(col)  # the output is the table's columns: zeroed with them, even if tied to a consumer
     out = None if col is None else Track(col.units, np.full(len(col), ZERO, np.int8))
     return TensorChannels(ctx.out_shape, list(idx.dims) + [out])
 

@@ -233,6 +233,44 @@ def test_embedding(functional):
     assert_prunable(group_of(res.prog, "emb.weight", 1), "embedding width")
 
 
+class TiedEmbeddingLM(nn.Module):
+    """A token table read twice: ``F.embedding`` (its columns are the stream's channels) and a
+    tied output head ``F.linear(h, table)`` (the same columns read as input channels); the
+    stream is normalised by LayerNorms, so a removed channel must be exactly zero in it.
+    ``consumer_first``: the head's read of the table comes first in the graph."""
+
+    def __init__(self, consumer_first: bool):
+        super().__init__()
+        self.consumer_first = consumer_first
+        self.emb = nn.Embedding(20, C)
+        self.aux = nn.Linear(4, C)
+        self.ln1 = nn.LayerNorm(C)
+        self.fc = nn.Linear(C, C)
+        self.ln2 = nn.LayerNorm(C)
+
+    def forward(self, ids, feats):
+        table = self.emb.weight
+        early = F.linear(self.aux(feats), table) if self.consumer_first else 0
+        h = F.embedding(ids, table)
+        h = h + self.fc(F.relu(self.ln1(h)))
+        return F.linear(self.ln2(h), table).mean(1) + early
+
+
+@pytest.mark.parametrize("consumer_first", [False, True], ids=["embedding_first", "head_first"])
+def test_tied_embedding_and_output_head(consumer_first):
+    """The table's columns are produced by the embedding and consumed by the tied head: they
+    stay a producer (zeroed with the stream's channels) whichever read comes first, so the
+    LayerNorm-normalised stream is exact."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 20, (2, 5), generator=gen)
+    feats = torch.randn(2, 4, generator=gen)
+    res = equiv(TiedEmbeddingLM(consumer_first), [ids, feats])
+    g = group_of(res.prog, "emb.weight", 1)
+    assert_prunable(g, "tied embedding width")
+    assert "emb.weight" in {s.param for s in g.slices if s.dim == 1}, repr(g)
+    assert {"ln1.weight", "ln2.weight", "fc.weight"} <= set(g.params), repr(g)
+
+
 # ----------------------------------------------------------------------------------------------
 # normalization
 # ----------------------------------------------------------------------------------------------
