@@ -233,6 +233,39 @@ def test_embedding(functional):
     assert_prunable(group_of(res.prog, "emb.weight", 1), "embedding width")
 
 
+class LengthwiseAggregate(nn.Module):
+    """CoaT's class-token aggregation: three tokens of a width-C stream, stacked on dim 1, mixed
+    by a ``Conv1d(3, 1, 1)`` whose length dim is the stream's channels, then a linear head."""
+
+    def __init__(self, bias: bool, functional: bool):
+        super().__init__()
+        self.functional = functional
+        self.fc = nn.Linear(10, C)
+        self.ln = nn.LayerNorm(C)
+        self.aggregate = nn.Conv1d(3, 1, 1, bias=bias)
+        self.head = nn.Linear(C, 4)
+
+    def forward(self, x):
+        h = self.ln(self.fc(x))[:, :3]  # (B, 3, C)
+        if self.functional:
+            h = F.conv1d(h, self.aggregate.weight, self.aggregate.bias)
+        else:
+            h = self.aggregate(h)
+        return self.head(h.squeeze(1))
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
+def test_pointwise_conv_along_channels(bias, functional):
+    """A 1-wide kernel keeps positions apart: the stream's channels go through the conv's length
+    dim; a removed one is zero there, or the conv's bias, which the head folds into its own."""
+    res = equiv(LengthwiseAggregate(bias, functional), [tokens()])
+    g = group_of(res.prog, "fc.weight")
+    assert_prunable(g, "stream through a pointwise conv's length dim")
+    assert "ln.weight" in g.params and "head.weight" in {s.param for s in g.dependents}, repr(g)
+    assert res.slim.get_submodule("head").in_features < C
+
+
 class TiedEmbeddingLM(nn.Module):
     """A token table read twice: ``F.embedding`` (its columns are the stream's channels) and a
     tied output head ``F.linear(h, table)`` (the same columns read as input channels); the
@@ -268,7 +301,7 @@ def test_tied_embedding_and_output_head(consumer_first):
     g = group_of(res.prog, "emb.weight", 1)
     assert_prunable(g, "tied embedding width")
     assert "emb.weight" in {s.param for s in g.slices if s.dim == 1}, repr(g)
-    assert {"ln1.weight", "ln2.weight", "fc.weight"} <= set(g.params), repr(g)
+    assert {"ln1.weight", "ln2.weight", "fc.weight"} <= set(g.params), repr(g)  # fc: its output rows
 
 
 # ----------------------------------------------------------------------------------------------
