@@ -484,11 +484,22 @@ def analyse(name: str, *, inexact: bool = True, seed: int = 0) -> dict:
     rec["params_full"], rec["params_slim"] = pf, ps
     rec["params_cut"] = 1 - ps / pf
     rec["half_rel_diff"] = diff / scale if scale else diff
+    del p50, slim
+    gc.collect()
     if rec["model"].startswith("hf/"):
-        hf = fxprune.hf_config(full, slim)
+        # the config of the heads and MLPs cut, the residual stream kept: a stock HuggingFace norm
+        # of a narrower stream would divide by the slim width, the slim model's by the full one
+        full = copy.deepcopy(model).double().eval()  # compile shares the parameters: p50 zeroed them
+        randomize_norms(full, seed)
+        pcfg = fxprune.compile(full, x64)
+        k3 = classify(pcfg, model)
+        pcfg.zero_(zero_half(pcfg, [g.id for g in pcfg.groups if g.prunable and g.exact and k3[g.id] != "residual"],
+                             seed))
+        hf = fxprune.hf_config(full, pcfg.construct_subnet(verify=False))
         rec["hf_config"] = {"homogeneous": hf.homogeneous, "changed": {k: list(v) for k, v in hf.changed.items()},
                             "explain": hf.explain()}
-    del p50, slim, full
+        del pcfg
+    del full
     gc.collect()
 
     # only where groups are still inexact: with allow_inexact they become prunable; zero half of them too
@@ -732,9 +743,11 @@ def write_markdown(records: List[dict], env: dict, path: Path) -> str:
           "and exact, and the check passes), inexact "
           "(only inexact groups), frozen (nothing prunable), error.", "", table, "",
           "## Why groups are frozen or inexact", "", reason_table(records), "",
-          "## HuggingFace configs after the 50% cut", "",
+          "## HuggingFace configs after the 50% cut of heads and MLPs", "",
           "`fxprune.hf_config(model, slim)`: the config whose class rebuilds every slim parameter shape "
-          "(written with `.save(directory)`), or why none does.", "", hf_config_table(records), ""]
+          "(written with `.save(directory)`), or why none does; for a slim model of half of every head and "
+          "MLP group, the residual stream kept (its slim norms keep the full model's channel count, which no "
+          "stock HuggingFace norm of a narrower stream does).", "", hf_config_table(records), ""]
     path.write_text("\n".join(md))
     return table
 
