@@ -1,19 +1,22 @@
 """Transformer sweep: torchvision, timm and HuggingFace attention models through fxprune.
 
-For every model of :data:`MODELS` (torchvision ViT / Swin v1, v2 / MaxViT; timm vit, deit,
-swin, convnext, poolformer, levit, efficientformer, mobilevit, beit, eva, coat, cait;
-HuggingFace BERT, GPT-2, Llama with grouped-query attention, ViT, T5 encoder built from small
-configs), in its own process, float64, eval mode:
+For every model of :data:`MODELS` (torchvision ViT / Swin v1, v2 / MaxViT / ConvNeXt; timm vit,
+deit, swin, convnext, convnext v2, poolformer, levit, efficientformer, mobilevit, beit, eva,
+coat, cait; HuggingFace BERT, GPT-2, Llama, Qwen2 and Mistral with grouped-query attention, ViT,
+T5 encoder, CLIP vision built from small configs), in its own process, float64, eval mode:
 
 * ``fxprune.compile`` (``frontend="auto"``: symbolic tracing, ``torch.export`` when tracing
   fails) and the groups it finds, sorted into attention-head groups, MLP (hidden-width)
-  groups, residual-stream groups (normalised by a LayerNorm/RMSNorm, hence inexact) and the
-  rest (see :func:`classify`);
+  groups, residual-stream groups (the channels of a stream normalised across channels by a
+  LayerNorm / RMSNorm / GroupNorm: exact, since the slim normalisation keeps the full model's
+  channel count) and the rest (see :func:`classify`);
 * the equivalence check of ``fxprune.testing.check_equivalence`` (30-50% of every prunable
-  exact group zeroed, slim vs zeroed full, relative difference <= 1e-6);
+  exact group, residual streams included, zeroed; slim vs zeroed full, relative difference
+  <= 1e-6);
 * parameters cut when a random 50% of every prunable exact group is zeroed;
-* with ``allow_inexact=True``: 50% of every residual (inexact) group zeroed as well, and the
-  measured output difference of the slim model (it is not expected to be zero).
+* only where some groups are still inexact: with ``allow_inexact=True``, 50% of every inexact
+  group zeroed as well, and the measured output difference of the slim model (it is not
+  expected to be zero).
 
 Verdicts: **exact**: some exact group is prunable and the check passes; **inexact**: no
 prunable exact group, but inexact ones exist; **frozen**: nothing prunable even with
@@ -66,7 +69,9 @@ class Spec:
         build: ``() -> (model, example_inputs)``, random weights, eval mode.
         heads: attention-head groups are expected to be found and prunable.
         mlp: MLP (hidden-width) groups are expected to be found and prunable.
-        residual: residual-stream groups (inexact through a norm) are expected.
+        residual: the model has a residual stream normalised across channels (a LayerNorm,
+            RMSNorm or GroupNorm with affine parameters): its groups are expected to be
+            found, exact and prunable.
         fast: part of the fast test tier.
         note: how the model differs from the named one (image size, depth), if it does.
         light: a smaller build of the same layers for the test suite, where the model itself
@@ -180,24 +185,33 @@ def _hf_gpt2():
     return _fill_zero_params(m).eval(), (_tokens(),)
 
 
-def llama_config(**overrides):
-    from transformers import LlamaConfig
+def decoder_config(family: str = "Llama", **overrides):
+    """A small config of a HuggingFace decoder family (``"Llama"``, ``"Qwen2"``, ``"Mistral"``:
+    the class ``{family}Config``): 2 layers, width 64, 4 query / 2 key-value heads of width 16,
+    MLP width 96, vocabulary 96, untied output head."""
+    import transformers
 
     cfg = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=64, use_cache=False, tie_word_embeddings=False)
     cfg.update(overrides)
-    return LlamaConfig(**cfg)
+    return getattr(transformers, f"{family}Config")(**cfg)
 
 
-def _hf_llama(attn: Optional[str] = None) -> Callable:
+def llama_config(**overrides):
+    return decoder_config("Llama", **overrides)
+
+
+def _hf_decoder(family: str, attn: Optional[str] = None) -> Callable:
+    """``{family}ForCausalLM`` from :func:`decoder_config` (``attn``: the attention implementation,
+    default sdpa)."""
     def build():
-        from transformers import LlamaForCausalLM
+        import transformers
 
         torch.manual_seed(0)
-        cfg = llama_config()
+        cfg = decoder_config(family)
         if attn:
             cfg._attn_implementation = attn
-        m = LlamaForCausalLM(cfg)
+        m = getattr(transformers, f"{family}ForCausalLM")(cfg)
         return _fill_zero_params(m).eval(), (_tokens(),)
 
     return build
@@ -210,6 +224,29 @@ def _hf_vit():
     cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                     intermediate_size=128, num_labels=5)
     m = ViTForImageClassification(cfg)
+    return _fill_zero_params(m).eval(), _image(32)
+
+
+class PooledHead(nn.Module):
+    """A vision encoder (HuggingFace, returning ``pooler_output``) with a linear head: a task
+    head, so that the residual stream (``last_hidden_state``) does not reach the model output."""
+
+    def __init__(self, encoder: nn.Module, width: int, classes: int = 4):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, pixel_values):
+        return self.head(self.encoder(pixel_values=pixel_values).pooler_output)
+
+
+def _hf_clip_vision():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, projection_dim=32)
+    m = PooledHead(CLIPVisionModel(cfg), 64)
     return _fill_zero_params(m).eval(), _image(32)
 
 
@@ -235,6 +272,7 @@ def _specs() -> List[Spec]:
     for name in ("swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b"):
         s.append(Spec(f"tv/{name}", _tv(name), note="64x64"))
     s.append(Spec("tv/maxvit_t", _tv("maxvit_t"), note="224x224"))
+    s.append(Spec("tv/convnext_tiny", _tv("convnext_tiny"), heads=False, note="64x64"))
     # timm
     s += [
         Spec("timm/vit_tiny_patch16_224", _timm("vit_tiny_patch16_224", 32), fast=True, note="32x32"),
@@ -246,9 +284,11 @@ def _specs() -> List[Spec]:
              note="64x64, window 4"),
         Spec("timm/convnext_atto", _timm("convnext_atto", 0), heads=False, note="224x224"),
         Spec("timm/convnext_tiny", _timm("convnext_tiny", 0), heads=False, note="224x224"),
-        # GroupNorm with one group normalises the whole stream at once: it is one channel
-        Spec("timm/poolformer_s12", _timm("poolformer_s12", 0), heads=False, residual=False, note="224x224"),
-        Spec("timm/poolformerv2_s12", _timm("poolformerv2_s12", 0), heads=False, residual=False, note="224x224"),
+        # global response normalisation (GRN): an L2 norm over space, divided by its mean over channels
+        Spec("timm/convnextv2_atto", _timm("convnextv2_atto", 0), heads=False, note="224x224"),
+        # GroupNorm with one group over the stream: a channel-mixing norm with per-channel affine parameters
+        Spec("timm/poolformer_s12", _timm("poolformer_s12", 0), heads=False, note="224x224"),
+        Spec("timm/poolformerv2_s12", _timm("poolformerv2_s12", 0), heads=False, note="224x224"),
         # BatchNorm only: the residual stream is not normalised across channels
         Spec("timm/levit_128s", _timm("levit_128s", 64), residual=False, note="64x64"),
         Spec("timm/efficientformer_l1", _timm("efficientformer_l1", 0), note="224x224"),
@@ -264,10 +304,14 @@ def _specs() -> List[Spec]:
     s += [
         Spec("hf/bert", _hf_bert, fast=True, note="BertForSequenceClassification, 2x64, 4 heads"),
         Spec("hf/gpt2", _hf_gpt2, fast=True, note="GPT2LMHeadModel, 2x64, 4 heads"),
-        Spec("hf/llama", _hf_llama(), fast=True, note="LlamaForCausalLM, 2x64, 4 q / 2 kv heads (sdpa)"),
-        Spec("hf/llama_eager", _hf_llama("eager"), note="as hf/llama, eager attention"),
+        Spec("hf/llama", _hf_decoder("Llama"), fast=True, note="LlamaForCausalLM, 2x64, 4 q / 2 kv heads (sdpa)"),
+        Spec("hf/llama_eager", _hf_decoder("Llama", "eager"), note="as hf/llama, eager attention"),
+        Spec("hf/qwen2", _hf_decoder("Qwen2"), fast=True, note="Qwen2ForCausalLM, 2x64, 4 q / 2 kv heads (sdpa)"),
+        Spec("hf/mistral", _hf_decoder("Mistral"), fast=True, note="MistralForCausalLM, 2x64, 4 q / 2 kv heads (sdpa)"),
         Spec("hf/vit", _hf_vit, fast=True, note="ViTForImageClassification, 2x64, 4 heads, 32x32"),
         Spec("hf/t5_encoder", _hf_t5, fast=True, note="T5EncoderModel 2x64, 4 heads, + linear head"),
+        Spec("hf/clip_vision", _hf_clip_vision, fast=True,
+             note="CLIPVisionModel 2x64, 4 heads, 32x32, + linear head on the pooled output"),
     ]
     return s
 
@@ -313,9 +357,10 @@ def classify(prog, model: nn.Module) -> Dict[int, str]:
     """Sort the groups of a program by what they prune (``model``: the model compiled, for the
     classes of its modules; the program's parameter names are the model's).
 
-    * ``"residual"``: the channels of a normalised stream: made inexact by a normalisation, or
-      owning both a channel-mixing norm's affine parameters and those of the layers that write
-      the stream (frozen for another reason first);
+    * ``"residual"``: the channels of a normalised stream: owning both a channel-mixing norm's
+      affine parameters and those of the layers that write the stream (exact: the slim norm
+      keeps the full channel count); or, without such parameters, made inexact by a
+      normalisation over them (a norm without affine parameters, a hand-written one);
     * ``"head"``: attention heads: each channel owns a block of several output rows (or columns,
       for GPT-2's transposed ``Conv1D``) of a projection weight, head_dim of each of q/k/v;
     * ``"mlp"``: one output row per channel of a linear (or 1x1 convolution) weight outside an
@@ -332,7 +377,7 @@ def classify(prog, model: nn.Module) -> Dict[int, str]:
         reason = (g.reason or "").lower()
         params = set(g.params)
         normed = params & norms
-        if (not g.exact and re.search(r"norm|mean over channels", reason)) or (normed and params - normed):
+        if (normed and params - normed) or (not g.exact and re.search(r"norm|over channels", reason)):
             kinds[g.id] = "residual" if g.size > 1 else "other"
             continue
         if normed:
@@ -418,10 +463,10 @@ def analyse(name: str, *, inexact: bool = True, seed: int = 0) -> dict:
     rec["mlp_groups"] = count["mlp"]
     rec["mlp_groups_prunable"] = count["mlp_prunable"]
     rec["residual_groups"] = count["residual"]
+    rec["residual_groups_prunable"] = count["residual_prunable"]
     rec["prunable_exact"] = sum(g.prunable and g.exact for g in prog.groups)
     rec["inexact"] = sum(not g.exact for g in prog.groups)
     rec["frozen"] = sum(not g.prunable for g in prog.groups)
-    rec["residual_prunable_by_default"] = sum(kinds[g.id] == "residual" and g.prunable for g in prog.groups)
     rec["group_details"] = [{"id": g.id, "size": g.size, "kind": kinds[g.id], "prunable": g.prunable,
                              "exact": g.exact, "reason": g.reason, "params": g.params[:6]} for g in prog.groups]
     del res, prog  # the float64 copies: the large ViTs need the memory for the next steps
@@ -439,23 +484,33 @@ def analyse(name: str, *, inexact: bool = True, seed: int = 0) -> dict:
     rec["params_full"], rec["params_slim"] = pf, ps
     rec["params_cut"] = 1 - ps / pf
     rec["half_rel_diff"] = diff / scale if scale else diff
+    del p50, slim
+    gc.collect()
     if rec["model"].startswith("hf/"):
-        hf = fxprune.hf_config(full, slim)
+        # the config of the heads and MLPs cut, the residual stream kept: a stock HuggingFace norm
+        # of a narrower stream would divide by the slim width, the slim model's by the full one
+        full = copy.deepcopy(model).double().eval()  # compile shares the parameters: p50 zeroed them
+        randomize_norms(full, seed)
+        pcfg = fxprune.compile(full, x64)
+        k3 = classify(pcfg, model)
+        pcfg.zero_(zero_half(pcfg, [g.id for g in pcfg.groups if g.prunable and g.exact and k3[g.id] != "residual"],
+                             seed))
+        hf = fxprune.hf_config(full, pcfg.construct_subnet(verify=False))
         rec["hf_config"] = {"homogeneous": hf.homogeneous, "changed": {k: list(v) for k, v in hf.changed.items()},
                             "explain": hf.explain()}
-    del p50, slim, full
+        del pcfg
+    del full
     gc.collect()
 
-    # with allow_inexact: the residual (inexact) groups become prunable; zero half of them too
+    # only where groups are still inexact: with allow_inexact they become prunable; zero half of them too
     if inexact and rec["inexact"]:
         try:
             full = copy.deepcopy(model).double().eval()
             randomize_norms(full, seed)
             pin = fxprune.compile(full, x64, allow_inexact=True)
-            k2 = classify(pin, model)
-            res_ids = [g.id for g in pin.groups if k2[g.id] == "residual" and g.prunable and not g.exact]
-            rec["residual_prunable_inexact"] = len(res_ids)
-            pin.zero_(zero_half(pin, res_ids, seed))
+            loose_ids = [g.id for g in pin.groups if g.prunable and not g.exact]
+            rec["inexact_prunable"] = len(loose_ids)
+            pin.zero_(zero_half(pin, loose_ids, seed))
             slim = pin.construct_subnet(verify=False)
             diff, scale = max_output_difference(pin.module, slim, pin.example_inputs)
             rec["inexact_params_slim"] = count_params(slim)
@@ -550,20 +605,19 @@ def _e(x) -> str:
 
 
 def markdown(records: List[dict]) -> str:
-    head = ("| model | frontend | groups | head groups | MLP groups | residual groups (inexact) | frozen | "
+    head = ("| model | frontend | groups | head groups | MLP groups | residual groups | frozen | inexact | "
             "params cut @50% | max rel diff | allow_inexact: rel diff | verdict | why groups are frozen / inexact |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in records:
         name = r["model"] + (f" ({r['note']})" if r.get("note") else "")
-        res = [g for g in r.get("group_details", []) if g["kind"] == "residual"]
-        residual = f"{len(res)} ({sum(not g['exact'] for g in res)})" if "group_details" in r else ""
         loose = _e(r.get("inexact_rel_diff"))
         if r.get("inexact_error"):
             loose = "error: " + _short(r["inexact_error"], 90)
         lines.append(
             f"| {name} | {r.get('frontend', '')} | {r.get('groups', '')} | "
-            f"{_ratio(r, 'head_groups')} | {_ratio(r, 'mlp_groups')} | {residual} | "
-            f"{r.get('frozen', '')} | {_pct(r.get('params_cut'))} | {_e(r.get('max_rel_diff'))} | "
+            f"{_ratio(r, 'head_groups')} | {_ratio(r, 'mlp_groups')} | {_ratio(r, 'residual_groups')} | "
+            f"{r.get('frozen', '')} | {r.get('inexact', '')} | {_pct(r.get('params_cut'))} | "
+            f"{_e(r.get('max_rel_diff'))} | "
             f"{loose} | {r['verdict']} | {_reason_of(r)} |")
     counts = Counter(r["verdict"] for r in records)
     lines += ["", "Verdicts: " + ", ".join(f"{k} {counts.get(k, 0)}" for k in ("exact", "inexact", "frozen", "error"))
@@ -678,18 +732,22 @@ def write_markdown(records: List[dict], env: dict, path: Path) -> str:
           f"torch {env['torch']}, timm {env['timm']}, transformers {env['transformers']}).", "",
           "Columns: *frontend*: the graph `fxprune.compile(frontend=\"auto\")` built (symbolic tracing, "
           "with the non-torch modules it kept opaque, or `torch.export`); *head groups* / *MLP groups*: "
-          "prunable and exact / found (see `classify`); *residual groups (inexact)*: groups of a normalised "
-          "residual stream (how many of them are inexact through the normalisation; the others are frozen "
-          "first for another reason); *frozen*: groups not prunable by default (residual ones included); "
-          "*params cut @50%*: a random half of every prunable exact group zeroed and removed; *max rel diff*: "
-          "`fxprune.testing.check_equivalence` (30-50% zeroed, must be <= 1e-6); *allow_inexact: rel diff*: "
-          "half of every inexact residual group zeroed as well, slim vs zeroed full (measured, not expected "
-          "to be zero); *verdict*: exact (some group is prunable and exact, and the check passes), inexact "
+          "prunable and exact / found (see `classify`); *residual groups*: groups of a residual stream "
+          "normalised across channels (LayerNorm, RMSNorm, GroupNorm), prunable and exact / found: the slim "
+          "normalisation keeps the full model's channel count; *frozen*: groups not prunable by default; "
+          "*inexact*: groups whose removal would change the output; "
+          "*params cut @50%*: a random half of every prunable exact group (residual streams included) zeroed "
+          "and removed; *max rel diff*: `fxprune.testing.check_equivalence` (30-50% zeroed, must be <= 1e-6); "
+          "*allow_inexact: rel diff*: only for models with inexact groups, half of each of them zeroed as well, "
+          "slim vs zeroed full (measured, not expected to be zero); *verdict*: exact (some group is prunable "
+          "and exact, and the check passes), inexact "
           "(only inexact groups), frozen (nothing prunable), error.", "", table, "",
           "## Why groups are frozen or inexact", "", reason_table(records), "",
-          "## HuggingFace configs after the 50% cut", "",
+          "## HuggingFace configs after the 50% cut of heads and MLPs", "",
           "`fxprune.hf_config(model, slim)`: the config whose class rebuilds every slim parameter shape "
-          "(written with `.save(directory)`), or why none does.", "", hf_config_table(records), ""]
+          "(written with `.save(directory)`), or why none does; for a slim model of half of every head and "
+          "MLP group, the residual stream kept (its slim norms keep the full model's channel count, which no "
+          "stock HuggingFace norm of a narrower stream does).", "", hf_config_table(records), ""]
     path.write_text("\n".join(md))
     return table
 

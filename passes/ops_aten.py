@@ -138,7 +138,7 @@ def _convolution(ctx):
     if x is None or w is None or not isinstance(groups, int):
         return ctx.unknown("convolution with a computed weight or group count")
     return conv_channels(ctx, x, w, b.dims[0] if b is not None else None, groups, bool(transposed), ctx.out_shape,
-                         ctx.arg(4))
+                         ctx.arg(4), has_bias=ctx.arg(2) is not None)
 
 
 @register_function(aten.addmm.default, name="addmm")

@@ -63,7 +63,8 @@ def conv_channel_dim(x_ndim: int, weight_ndim: int) -> int:
 
 
 def conv_channels(ctx, x: TensorChannels, weight: Union[TensorChannels, Tuple[Optional[Track], Optional[Track], int]],
-                  bias: Optional[Track], groups: int, transposed: bool, out_shape, padding=0) -> TensorChannels:
+                  bias: Optional[Track], groups: int, transposed: bool, out_shape, padding=0, *,
+                  kernel: Sequence[int] = (), has_bias: Optional[bool] = None) -> TensorChannels:
     """Channels of a (transposed) convolution over ``x`` (channel dim 1, or 0 when unbatched).
 
     ``weight`` is the weight tensor's channels (a functional or ATen convolution: its kernel
@@ -74,8 +75,19 @@ def conv_channels(ctx, x: TensorChannels, weight: Union[TensorChannels, Tuple[Op
     (consumer). For grouped convolutions (depthwise included) channels are removed in whole
     groups: every input and output channel of a conv group is one element, so the slim conv
     keeps its per-group widths and has fewer groups (:func:`new_conv_groups`).
+
+    ``kernel``: the kernel size (read from ``weight`` when it is a tensor's channels);
+    ``has_bias``: the convolution adds a bias (default: ``bias`` is a track; a bias of one
+    element has none). A kernel of size 1 in every spatial dim that keeps every spatial size
+    applies the same map at each position, so a spatial dim that carries channels (a stream
+    laid along the length: CoaT aggregates its class tokens with a ``Conv1d(3, 1, 1)``) goes
+    through position by position: a removed position reads zeros in every input channel, so
+    the output there is zero without a bias and the bias (a data-independent constant) with one.
     """
+    if has_bias is None:
+        has_bias = bias is not None
     if isinstance(weight, TensorChannels):
+        kernel = weight.shape[2:]
         w0, w1, weight_ndim = weight.dims[0], weight.dims[1], weight.ndim
         for t in weight.dims[2:]:
             ctx.not_channels(t)
@@ -130,6 +142,12 @@ def conv_channels(ctx, x: TensorChannels, weight: Union[TensorChannels, Tuple[Op
     dims[cd] = out
     if cd == 1:
         dims[0] = x.dims[0]
+    pointwise = len(kernel) > 0 and all(k == 1 for k in kernel)
+    if pointwise and len(out_shape) == x.ndim and tuple(out_shape[cd + 1:]) == tuple(x.shape[cd + 1:]):
+        for d in range(cd + 1, x.ndim):
+            t = x.dims[d]
+            if t is not None:
+                dims[d] = Track(t.units, state_const_map(t.state) if has_bias else t.state.copy())
     return TensorChannels(tuple(out_shape), dims)
 
 
@@ -169,7 +187,8 @@ def _conv_module(ctx):
     w1 = ctx.param("weight", 1, "out" if transposed else "in",
                    like=x.dims[conv_channel_dim(x.ndim, m.weight.ndim)] if plain else None)
     bias = ctx.param("bias", 0, "out", like=w0 if plain else None)
-    return conv_channels(ctx, x, (w0, w1, m.weight.ndim), bias, m.groups, transposed, ctx.out_shape, m.padding)
+    return conv_channels(ctx, x, (w0, w1, m.weight.ndim), bias, m.groups, transposed, ctx.out_shape, m.padding,
+                         kernel=m.kernel_size, has_bias=m.bias is not None)
 
 
 def _functional_conv(transposed: bool):
@@ -181,7 +200,8 @@ def _functional_conv(transposed: bool):
         if not isinstance(w, TensorChannels) or not isinstance(groups, int):
             return ctx.unknown("convolution with a computed weight or group count")
         bias = b.dims[0] if isinstance(b, TensorChannels) else None
-        return conv_channels(ctx, x, w, bias, groups, transposed, ctx.out_shape, ctx.arg(4, "padding", 0))
+        return conv_channels(ctx, x, w, bias, groups, transposed, ctx.out_shape, ctx.arg(4, "padding", 0),
+                             has_bias=ctx.arg(2, "bias", None) is not None)
 
     return rule
 
@@ -482,6 +502,7 @@ def embedding_channels(ctx, w: Optional[TensorChannels], idx: TensorChannels) ->
         return ctx.unknown("embedding of a computed table")
     ctx.pin(w.dims[0], "embedding rows are addressed by token index")
     col = w.dims[1]
+    ctx.produce(col)  # the output is the table's columns: zeroed with them, even if tied to a consumer
     out = None if col is None else Track(col.units, np.full(len(col), ZERO, np.int8))
     return TensorChannels(ctx.out_shape, list(idx.dims) + [out])
 

@@ -180,6 +180,21 @@ class RuleContext:
         info.default_role = False
         return True
 
+    def produce(self, track: Optional[Track]) -> None:
+        """``track``, a parameter dimension read by ``get_attr``, is a producer for good: this node
+        outputs its values as they are (an embedding table's columns), so the dimension is
+        zeroed with its group even where another node reads the same tensor as a consumer (an
+        output projection tied to the table), whichever of the two comes first."""
+        if track is None or track.source is None:
+            return
+        info = self.analysis.params.get(track.source)
+        if info is None:
+            return
+        if info.default_role:
+            info.roles.clear()
+            info.default_role = False
+        info.roles.add("out")
+
     def not_channels(self, track: Optional[Track]) -> None:
         """A parameter dimension that holds no channels (a convolution kernel's taps, read as a
         ``get_attr`` tensor): it forms no group and is never sliced."""

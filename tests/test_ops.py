@@ -233,6 +233,77 @@ def test_embedding(functional):
     assert_prunable(group_of(res.prog, "emb.weight", 1), "embedding width")
 
 
+class LengthwiseAggregate(nn.Module):
+    """CoaT's class-token aggregation: three tokens of a width-C stream, stacked on dim 1, mixed
+    by a ``Conv1d(3, 1, 1)`` whose length dim is the stream's channels, then a linear head."""
+
+    def __init__(self, bias: bool, functional: bool):
+        super().__init__()
+        self.functional = functional
+        self.fc = nn.Linear(10, C)
+        self.ln = nn.LayerNorm(C)
+        self.aggregate = nn.Conv1d(3, 1, 1, bias=bias)
+        self.head = nn.Linear(C, 4)
+
+    def forward(self, x):
+        h = self.ln(self.fc(x))[:, :3]  # (B, 3, C)
+        if self.functional:
+            h = F.conv1d(h, self.aggregate.weight, self.aggregate.bias)
+        else:
+            h = self.aggregate(h)
+        return self.head(h.squeeze(1))
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
+def test_pointwise_conv_along_channels(bias, functional):
+    """A 1-wide kernel keeps positions apart: the stream's channels go through the conv's length
+    dim; a removed one is zero there, or the conv's bias, which the head folds into its own."""
+    res = equiv(LengthwiseAggregate(bias, functional), [tokens()])
+    g = group_of(res.prog, "fc.weight")
+    assert_prunable(g, "stream through a pointwise conv's length dim")
+    assert "ln.weight" in g.params and "head.weight" in {s.param for s in g.dependents}, repr(g)
+    assert res.slim.get_submodule("head").in_features < C
+
+
+class TiedEmbeddingLM(nn.Module):
+    """A token table read twice: ``F.embedding`` (its columns are the stream's channels) and a
+    tied output head ``F.linear(h, table)`` (the same columns read as input channels); the
+    stream is normalised by LayerNorms, so a removed channel must be exactly zero in it.
+    ``consumer_first``: the head's read of the table comes first in the graph."""
+
+    def __init__(self, consumer_first: bool):
+        super().__init__()
+        self.consumer_first = consumer_first
+        self.emb = nn.Embedding(20, C)
+        self.aux = nn.Linear(4, C)
+        self.ln1 = nn.LayerNorm(C)
+        self.fc = nn.Linear(C, C)
+        self.ln2 = nn.LayerNorm(C)
+
+    def forward(self, ids, feats):
+        table = self.emb.weight
+        early = F.linear(self.aux(feats), table) if self.consumer_first else 0
+        h = F.embedding(ids, table)
+        h = h + self.fc(F.relu(self.ln1(h)))
+        return F.linear(self.ln2(h), table).mean(1) + early
+
+
+@pytest.mark.parametrize("consumer_first", [False, True], ids=["embedding_first", "head_first"])
+def test_tied_embedding_and_output_head(consumer_first):
+    """The table's columns are produced by the embedding and consumed by the tied head: they
+    stay a producer (zeroed with the stream's channels) whichever read comes first, so the
+    LayerNorm-normalised stream is exact."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 20, (2, 5), generator=gen)
+    feats = torch.randn(2, 4, generator=gen)
+    res = equiv(TiedEmbeddingLM(consumer_first), [ids, feats])
+    g = group_of(res.prog, "emb.weight", 1)
+    assert_prunable(g, "tied embedding width")
+    assert "emb.weight" in {s.param for s in g.slices if s.dim == 1}, repr(g)
+    assert {"ln1.weight", "ln2.weight", "fc.weight"} <= set(g.params), repr(g)  # fc: its output rows
+
+
 # ----------------------------------------------------------------------------------------------
 # normalization
 # ----------------------------------------------------------------------------------------------
