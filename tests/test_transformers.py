@@ -221,11 +221,14 @@ def test_head_groups_own_their_bias(name):
     assert res.params_slim < res.params_full
 
 
-def _zero_per_group(prog, count):
-    """Zero ``count(group)`` leading channels of every prunable group; returns the slim model."""
+def _zero_per_group(prog, count, model=None):
+    """Zero ``count(group)`` leading channels of every prunable group (with ``model``, the
+    residual-stream groups left out: the hidden size has tests of its own in test_hf.py);
+    returns the slim model."""
+    kinds = sweep.classify(prog, model) if model is not None else {}
     masks = {}
     for g in prog.groups:
-        if g.prunable:
+        if g.prunable and kinds.get(g.id) != "residual":
             keep = torch.ones(g.size, dtype=torch.bool)
             keep[:count(g)] = False
             masks[g.id] = keep
@@ -242,7 +245,7 @@ def test_hf_config_rebuilds_the_slim_llama():
     model, inputs = sweep.MODELS["hf/llama"].build()
     model = model.double()
     prog = fxprune.compile(model, inputs)
-    slim = _zero_per_group(prog, lambda g: g.size // 2)
+    slim = _zero_per_group(prog, lambda g: g.size // 2, model)
     res = fxprune.hf_config(model, slim)
     cfg = model.config
     assert res.homogeneous, res.explain()
@@ -265,7 +268,7 @@ def test_hf_config_saves_config_json(tmp_path):
 
     model, inputs = sweep.MODELS["hf/t5_encoder"].build()
     prog = fxprune.compile(model, inputs)
-    slim = _zero_per_group(prog, lambda g: g.size // 2)
+    slim = _zero_per_group(prog, lambda g: g.size // 2, model)
     res = fxprune.hf_config(model, slim)  # the T5 encoder sits under a task head: prefix "encoder."
     assert res.prefix == "encoder." and res.homogeneous, res.explain()
     assert set(res.changed) == {"num_heads", "d_ff"}
@@ -283,7 +286,7 @@ def test_hf_config_reports_what_no_config_can_say():
     layer_of = lambda g: int(re.search(r"layers\.(\d+)\.", g.params[0]).group(1))
     heads = [g for g in prog.groups if g.prunable and any("k_proj" in p for p in g.params)]
     uneven = {g.id: layer_of(g) for g in heads}
-    slim = _zero_per_group(prog, lambda g: uneven.get(g.id, 0))  # layer 0 keeps 2 kv heads, layer 1 one
+    slim = _zero_per_group(prog, lambda g: uneven.get(g.id, 0), model)  # layer 0 keeps 2 kv heads, layer 1 one
     res = fxprune.hf_config(model, slim)
     assert not res.homogeneous, res.explain()
     assert res.heterogeneous == {"num_attention_heads": [2, 4], "num_key_value_heads": [1, 2]}, res.explain()
@@ -292,6 +295,6 @@ def test_hf_config_reports_what_no_config_can_say():
 
     model, inputs = sweep.MODELS["hf/bert"].build()
     prog = fxprune.compile(model, inputs)
-    res = fxprune.hf_config(model, _zero_per_group(prog, lambda g: g.size // 2))
+    res = fxprune.hf_config(model, _zero_per_group(prog, lambda g: g.size // 2, model))
     assert res.config is None and res.changed["intermediate_size"] == (128, 64)
     assert any(k.endswith("attention.self.query.weight") for k in res.mismatched), res.explain()

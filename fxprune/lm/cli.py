@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--heads", int, d.heads, "query heads of the default Llama")
     opt("--kv-heads", int, d.kv_heads, "key/value heads of the default Llama (grouped-query attention)")
     opt("--intermediate", int, d.intermediate, "SwiGLU width of the default Llama")
+    p.add_argument("--untie-embeddings", dest="tie_embeddings", action="store_const", const=False, default=None,
+                   help="give the default Llama an output layer of its own instead of the embedding's weight "
+                   "(default: tied)")
     opt("--vocab-size", int, d.vocab_size, "byte-level BPE vocabulary trained on the training split")
     opt("--corpus-bytes", int, d.corpus_bytes, "size of the standard-library selection")
     opt("--val-fraction", float, d.val_fraction, "share of the selected files held out for validation")
