@@ -415,3 +415,35 @@ def test_error_of_the_front_end_that_came_closest():
     assert msg.startswith("torch.export cannot export") and "ReturnsCache" in msg.splitlines()[0] and "DynamicCache" in msg.splitlines()[0]
     assert "The torch.fx front end failed too" in msg
     assert info.value.modules_done > 10
+
+
+# ----------------------------------------------------------------------------------------------
+# the language-model job with the hidden size pruned
+
+
+def test_lm_job_prunes_the_hidden_size(tmp_path):
+    """``fxprune train --task causal-lm --untie-embeddings`` (tiny settings, 8 steps) prunes
+    half of the hidden size with the heads and MLP channels: the slim config has hidden_size
+    16 of 32 and rms_norm_eps times 2, the slim HuggingFace model's perplexity equals the full
+    model's, the saved directory reloads with the slim GraphModule's logits and generates the
+    full model's greedy tokens. (With the embedding tied to the output layer the hidden-size
+    group is frozen before training: the tied weight is not zeroed as the stream's producer.)"""
+    from transformers import AutoModelForCausalLM
+
+    from fxprune import cli
+
+    out = str(tmp_path / "run")
+    tiny = ["--layers", "2", "--hidden", "32", "--heads", "4", "--kv-heads", "2", "--intermediate", "48",
+            "--vocab-size", "300", "--corpus-bytes", "100000", "--seq-len", "32", "--batch-size", "4",
+            "--val-tokens", "256", "--sample-tokens", "8", "--no-progress", "--max-tokens", "1024"]
+    assert cli.main(["train", "--task", "causal-lm", "--out", out, "--untie-embeddings", *tiny]) == 0
+    rep = json.load(open(os.path.join(out, "report.json")))
+    assert rep["config"]["tie_embeddings"] is False
+    slim_cfg = rep["config_slim"]
+    assert slim_cfg["hidden_size"] == 16 and slim_cfg["rms_norm_eps"] == 1e-6 * 32 / 16
+    assert (slim_cfg["num_attention_heads"], slim_cfg["num_key_value_heads"], slim_cfg["intermediate_size"]) == (2, 1, 24)
+    assert rep["perplexity"]["equal"] and not rep["padded"] and rep["sample"]["slim_equals_full"]
+    assert rep["reload_relative_difference"] <= 1e-5
+    back = AutoModelForCausalLM.from_pretrained(rep["hf_dir"]).eval()
+    assert back.config.hidden_size == 16 and back.model.norm.weight.shape == (16,)
+    assert rep["params"]["slim"] < rep["params"]["full"] / 2
