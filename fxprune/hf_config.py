@@ -371,8 +371,9 @@ def _hidden_vector_modules(hf: torch.nn.Module, owners, base: Shapes, f: str) ->
 def _probe_norm(module: torch.nn.Module, width: int):
     """What ``module`` computes over vectors of ``width`` channels, run on random float64 inputs
     and weights (a copy, so meta-device modules work too): None when it does not mix channels
-    (or does not take such vectors: nothing of its depends on the count), an :class:`_RMSNorm`
-    when it is one, else a phrase saying how it differs."""
+    or does not map such vectors onto such vectors (nothing of it depends on the count), an
+    :class:`_RMSNorm` when it is one, else a phrase saying how it differs (also when it cannot be
+    run on such vectors: unchecked is not exact)."""
     try:
         m = copy.deepcopy(module)
         if any(t.is_meta for t in list(m.parameters()) + list(m.buffers())):
@@ -385,16 +386,21 @@ def _probe_norm(module: torch.nn.Module, width: int):
         params = list(m.parameters())
         for p in params:
             p.copy_(torch.rand(p.shape, generator=gen, dtype=p.dtype) + 0.5)
-        x = torch.randn(4, width, generator=gen, dtype=torch.float64) + 1.0  # a mean, so LayerNorm differs
-        moved = x.clone()
-        moved[:, 0] += 1.0
-        try:
-            y, y_moved = m(x), m(moved)
-        except Exception:
-            return None
+        y = None
+        for shape in ((4, width), (2, 2, width)):  # (tokens, width), then (batch, tokens, width)
+            x = torch.randn(shape, generator=gen, dtype=torch.float64) + 1.0  # a mean, so LayerNorm differs
+            moved = x.clone()
+            moved[..., 0] += 1.0
+            try:
+                y, y_moved = m(x), m(moved)
+                break
+            except Exception:
+                continue
+        if y is None:
+            return f"in a way not checked (it does not run on inputs of shape {shape})"
         if not isinstance(y, torch.Tensor) or y.shape != x.shape:
-            return None
-        if torch.equal(y[:, 1:], y_moved[:, 1:]):
+            return None  # not a map from the hidden width onto itself: not a norm over it
+        if torch.equal(y[..., 1:], y_moved[..., 1:]):
             return None  # channel by channel (a scale, a bias): no count in it
         y = y.double()
         shifted = m(x + 3.0).double()
