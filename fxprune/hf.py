@@ -6,8 +6,10 @@ model (``Program.construct_subnet()``) has no key/value cache, no ``generate`` a
 class from the slim config (:func:`fxprune.hf_config`), loads the slim weights into it, and
 checks that its outputs equal the slim GraphModule's. Nothing in it assumes a width of the
 original model: every width comes from the slim weights through the slim config, and a
-parameter the config marks for scaling (``HFConfig.param_scales``, e.g. an RMSNorm weight
-when the hidden size shrank) is scaled on the way.
+parameter the config marks for scaling (``HFConfig.param_scales``: the RMS norms' weights
+times ``sqrt(D / D')`` when the hidden size shrank from D to D', with the config's eps times
+``D / D'``, so that the class's norms over D' channels give the slim model's full-count norms)
+is scaled on the way.
 
 Weights are matched by structure, not by a table per model: the slim GraphModule keeps the
 module paths of the model it was compiled from (both front ends do), so a parameter of the
@@ -21,7 +23,9 @@ MLP widths; GPT-2's heads, whose count also sets their width in ``GPT2Config`` w
 transformers 5 has dropped ``pruned_heads``) are refused with the reason, or, with
 ``pad=True`` and the Program, filled up with zero channels of the trained model: removed
 channels that are exactly zero are put back until every layer has the widths of the widest,
-which leaves the output exactly unchanged and makes the config homogeneous.
+which leaves the output exactly unchanged and makes the config homogeneous. A hidden width
+normalised by something other than an RMS norm (GPT-2's, BERT's, OPT's LayerNorm) has no
+config at a smaller width; ``pad=True`` puts its channels back to the full width.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from .errors import UnsupportedInputError, VerificationError
-from .hf_config import HFConfig, _meta_shapes, hf_config
+from .hf_config import HIDDEN_FIELDS, HFConfig, _meta_shapes, hf_config
 
 #: Largest relative difference (to the largest |output|) between the HuggingFace model and the
 #: slim GraphModule that :func:`to_pretrained` accepts, per dtype.
@@ -45,6 +49,10 @@ MISMATCH_HINT = (
     "(GPT-2's and BERT's head count also sets their head width, and transformers 5 has no pruned_heads); "
     "leave those groups unpruned (DHSPG(..., params=...) or a target over the other groups), or pass "
     "pad=True with the Program to put their zero channels back")
+HIDDEN_HINT = (
+    "the class divides its normalisations over the hidden width by the width in its config, the slim model by "
+    "the full width, and only RMS norms have an identity for that (weight times sqrt(D/D'), eps times D/D'); "
+    "leave the hidden-size group unpruned, or pass pad=True with the Program to put its zero channels back")
 HOMOGENEOUS_HINT = (
     "DHSPG's uniform partition (fxprune.DHSPG(..., partition='uniform'), the default) removes the same "
     "fraction of every group, which gives every layer the same widths when that fraction of each group's "
@@ -69,18 +77,21 @@ def to_pretrained(model: Any, slim: Optional[torch.nn.Module] = None, *, pad: bo
             token ids in ``[0, vocab_size)``, standard-normal floats).
         verify: compare the outputs of the HuggingFace model and the slim GraphModule in eval
             mode; relative difference (to the largest |output|) at most :data:`RTOL` of the
-            dtype (float64: 1e-10, float32: 1e-5). Skipped on the meta device.
+            dtype (float64: 1e-10, float32: 1e-5), or of the dtype the rescaled norms compute
+            in when that is coarser (``HFConfig.norm_dtype``: ``LlamaRMSNorm`` normalises in
+            float32, where the rescaled weight and eps round differently). Skipped on the
+            meta device.
 
     Returns:
         A ``transformers.PreTrainedModel`` in eval mode, of the class of the HuggingFace
         model in ``model``, on the slim weights' device and dtype, with the original
-        ``generation_config``. ``save_pretrained`` writes it; ``from_pretrained`` reads it
+        ``generation_config`` (where the model has one). ``save_pretrained`` writes it; ``from_pretrained`` reads it
         back without fxprune.
 
     Raises:
         fxprune.UnsupportedInputError: no single HuggingFace model in ``model``; the slim
-            widths have no config (names the fields and layers) and ``pad`` is off or cannot
-            help; a parameter of the class has no slim counterpart or another shape.
+            widths have no config (names the fields and layers, or the normalisations over a
+            smaller hidden width) and ``pad`` is off or cannot help; a parameter of the class has no slim counterpart or another shape.
         fxprune.VerificationError: the outputs differ beyond :data:`RTOL`.
     """
     prog = model if _is_program(model) else None
@@ -105,18 +116,28 @@ def to_pretrained(model: Any, slim: Optional[torch.nn.Module] = None, *, pad: bo
     hf = _hf_of(model, res.prefix)
     state = _slim_state(hf, slim, res, prog)
     new = _build(type(hf), res.config, state)
-    new.generation_config = copy.deepcopy(getattr(hf, "generation_config", new.generation_config))
+    if getattr(hf, "generation_config", None) is not None:  # a decoder's; an encoder has none
+        new.generation_config = copy.deepcopy(hf.generation_config)
     new.eval()
     if verify and not any(t.is_meta for t in state.values()):
         inputs = tuple(example_inputs) if example_inputs is not None else _placeholder_inputs(slim, res.config)
-        check_outputs(slim, new, inputs, prefix=res.prefix)
+        check_outputs(slim, new, inputs, prefix=res.prefix, rtol=_tolerance(res, state))
     return new
+
+
+def _tolerance(res: HFConfig, state: Dict[str, torch.Tensor]) -> Optional[float]:
+    """:data:`RTOL` of the weights' dtype, or of ``res.norm_dtype`` when that is coarser."""
+    dtypes = [t.dtype for t in state.values() if t.is_floating_point()]
+    if res.norm_dtype is None or not dtypes:
+        return None
+    return max(RTOL.get(dtypes[0], 1e-5), RTOL.get(res.norm_dtype, 1e-5))
 
 
 def _no_config_message(res: HFConfig, hf: torch.nn.Module, pad: bool) -> str:
     hints = ([f"widths differ across layers ({', '.join(res.heterogeneous)}); to get homogeneous widths: "
               f"{HOMOGENEOUS_HINT}"] if res.heterogeneous else [])
     hints += [MISMATCH_HINT] if res.mismatched and not res.heterogeneous else []
+    hints += [HIDDEN_HINT] if res.unexpressible else []
     extra = " (pad=True needs the Program as the first argument)" if pad else ""
     return (f"the slim widths have no {type(hf.config).__name__}: {res.explain()}. " + "; ".join(hints) + extra)
 
@@ -250,7 +271,8 @@ def _build(cls, config, state: Dict[str, torch.Tensor]):
 def _pad(prog, model, slim, res: HFConfig) -> Tuple[torch.nn.Module, HFConfig, str]:
     """Put removed (zero) channels back until one config of the class holds the slim shapes:
     heterogeneous fields take their largest value, fields the class cannot change keep the
-    original. Returns (new slim GraphModule, its HFConfig, what was padded)."""
+    original, and so does a hidden width whose normalisations have no config at the slim width.
+    Returns (new slim GraphModule, its HFConfig, what was padded)."""
     from .passes import prune_rewrite
     from .program import max_output_difference
 
@@ -259,7 +281,8 @@ def _pad(prog, model, slim, res: HFConfig) -> Tuple[torch.nn.Module, HFConfig, s
     hf = _hf_of(model, res.prefix)
     cfg = copy.deepcopy(hf.config)
     for f, (_, new) in res.changed.items():
-        setattr(cfg, f, new)
+        if not (res.unexpressible and f in HIDDEN_FIELDS):
+            setattr(cfg, f, new)
     for f, values in res.heterogeneous.items():
         setattr(cfg, f, max(int(v) for v in values))
     target = _meta_shapes(hf, cfg)
@@ -363,4 +386,4 @@ def _paired(want: Any, got: Any) -> List[Tuple[str, torch.Tensor, torch.Tensor]]
     return [(f"output {i}", x, y) for i, (x, y) in enumerate(zip(a, b))]
 
 
-__all__ = ["HOMOGENEOUS_HINT", "MISMATCH_HINT", "RTOL", "check_outputs", "to_pretrained"]
+__all__ = ["HIDDEN_HINT", "HOMOGENEOUS_HINT", "MISMATCH_HINT", "RTOL", "check_outputs", "to_pretrained"]

@@ -3,14 +3,18 @@ without fxprune, greedy ``generate`` with the key/value cache; decoders compiled
 default ``use_cache=True``.
 
 Every model is a small config with random weights in float64 (nothing downloaded). The slim
-model is half of every prunable head and MLP group removed (exact): the HuggingFace model
-must give the slim GraphModule's logits (relative difference <= 1e-10), and its greedy
-``generate`` the full model's 20 new tokens. One subprocess, whose import system cannot find
-fxprune, loads every saved directory with ``AutoModelForCausalLM.from_pretrained``.
+model is half of every prunable head and MLP group removed (exact), and for the RMSNorm models
+(Llama, Qwen2, Mistral) 24 of the 64 hidden-size (residual-stream) channels too: the
+HuggingFace model must give the slim GraphModule's logits (relative difference <= 1e-10; <= 1e-6
+with a smaller hidden size, whose rescaled RMSNorm weights and eps round in the float32 that
+the class normalises in), and its greedy ``generate`` the full model's 20 new tokens. One
+subprocess, whose import system cannot find fxprune, loads every saved directory with
+``AutoModelForCausalLM.from_pretrained``.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -27,6 +31,8 @@ from fxprune.report import count_params
 
 NEW_TOKENS = 20
 VOCAB = 96
+HIDDEN, HIDDEN_CUT = 64, 24  # residual channels of the test decoders, and how many the RMSNorm ones lose
+RMS = ("llama", "qwen2", "mistral")
 
 
 def _decoder(name: str):
@@ -42,9 +48,12 @@ def _decoder(name: str):
         m = tf.Qwen2ForCausalLM(tf.Qwen2Config(**common))
     elif name == "mistral":
         m = tf.MistralForCausalLM(tf.MistralConfig(**common, sliding_window=None))
-    elif name == "gpt2":
+    elif name == "qwen3":
+        m = tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, head_dim=16))
+    elif name in ("gpt2", "gpt2_untied"):
         m = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4,
-                                             bos_token_id=0, eos_token_id=1, pad_token_id=1))
+                                             bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                                             tie_word_embeddings=name == "gpt2"))
     elif name == "opt":
         m = tf.OPTForCausalLM(tf.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                                            num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64,
@@ -73,6 +82,23 @@ def _zero(prog, count):
     prog.zero_(masks)
 
 
+def _is_hidden(g) -> bool:
+    """The residual-stream (hidden-size) group: it owns the norms' weights."""
+    return g.size == HIDDEN and any(re.search(r"norm|\bln_", p) for p in g.params)
+
+
+def _heads_mlp(count):
+    """``count`` for head and MLP groups, none of the hidden size."""
+    return lambda g: 0 if _is_hidden(g) else count(g)
+
+
+def _cut(name):
+    """Half of every head and MLP group; HIDDEN_CUT hidden channels of the RMSNorm models.
+    (GPT-2's tied embedding is, as a producer of the residual stream, not zeroed with the hidden
+    group, which makes that group inexact; the LayerNorm hidden size is tested on its own.)"""
+    return lambda g: (HIDDEN_CUT if name in RMS else 0) if _is_hidden(g) else g.size // 2
+
+
 def _greedy(model, prompt, cache=True):
     return model.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
                           use_cache=cache)
@@ -93,11 +119,11 @@ def _rel(a, b):
 
 
 ROUND_TRIP = ("llama", "qwen2", "mistral", "gpt2")
-# what half of every head and MLP group gives in each config: (field, value)
-EXPECTED = {"llama": {"num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 48},
-            "qwen2": {"num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 48},
-            "mistral": {"num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 48},
-            "gpt2": {"n_head": 4, "n_inner": 128}}  # heads padded back: GPT2Config ties head width to n_head
+# what _cut gives in each config: (field, value); the RMSNorm eps grows by D / D'
+_SLIM_RMS = {"num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 48, "head_dim": 16,
+             "hidden_size": HIDDEN - HIDDEN_CUT, "rms_norm_eps": 1e-6 * HIDDEN / (HIDDEN - HIDDEN_CUT)}
+EXPECTED = {"llama": _SLIM_RMS, "qwen2": _SLIM_RMS, "mistral": _SLIM_RMS,
+            "gpt2": {"n_head": 4, "n_inner": 128, "n_embd": 64}}  # heads padded back: GPT2Config ties head width to n_head
 
 LOADER = textwrap.dedent("""
     import importlib.util, json, os, sys
@@ -133,7 +159,7 @@ def round_trips(tmp_path_factory):
     for name in ROUND_TRIP:
         model = _decoder(name)
         prog = fxprune.compile(model, (ids,))
-        _zero(prog, lambda g: g.size // 2)
+        _zero(prog, _cut(name))
         slim = prog.construct_subnet()
         if name == "gpt2":
             with pytest.raises(fxprune.UnsupportedInputError) as info:
@@ -160,25 +186,31 @@ def round_trips(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ROUND_TRIP)
 def test_round_trip(round_trips, name):
-    """The slim HuggingFace model has the slim widths in its config, the slim GraphModule's
-    logits, and greedy ``generate`` (key/value cache) gives the full model's 20 new tokens;
-    saved and loaded back without fxprune, it gives the same logits and tokens."""
+    """The slim HuggingFace model has the slim widths in its config, the slim GraphModule's and
+    the zeroed full model's logits, and greedy ``generate`` (key/value cache) gives the full
+    model's 20 new tokens; saved and loaded back without fxprune, it gives the same logits and
+    tokens. With a smaller hidden size (Llama, Qwen2, Mistral) the class's RMSNorms over D'
+    channels, weights times sqrt(D/D') and eps times D/D', compute the slim model's full-count
+    norms; they normalise in float32, where the rescaled values round: 1e-6, not 1e-10."""
     made, loaded, caught, ids = round_trips
     m = made[name]
     hf, model, slim = m["hf"], m["model"], m["slim"]
+    tol = 1e-6 if name in RMS else 1e-10
     assert type(hf) is type(model)
     for field, value in EXPECTED[name].items():
         assert getattr(hf.config, field) == value, (field, getattr(hf.config, field))
     assert count_params(hf) < count_params(model)
     want = _logits(slim, ids)
-    assert _rel(want, hf(ids).logits.detach()) <= 1e-10
+    got = hf(ids).logits.detach()
+    assert _rel(want, got) <= tol
+    assert _rel(_logits(model, ids), got) <= tol
     prompt = ids[:1, :5]
     tokens = _greedy(hf, prompt)
     assert tokens.shape[1] == 5 + NEW_TOKENS
     assert torch.equal(tokens, _greedy(model, prompt)), "greedy tokens differ from the full model's"
     back = loaded[name]
     assert back["class"] == type(model).__name__ and not back["fxprune_loaded"]
-    assert _rel(want, back["logits"]) <= 1e-10
+    assert _rel(got, back["logits"]) <= 1e-12  # the same class, config and weights
     assert torch.equal(back["tokens"], tokens)
 
 
@@ -200,7 +232,7 @@ def test_float32_tolerance_and_meta_device():
     model = _decoder("llama").float()
     ids = _ids()
     prog = fxprune.compile(model, (ids,))
-    _zero(prog, lambda g: g.size // 2)
+    _zero(prog, _cut("llama"))
     slim = prog.construct_subnet()
     hf = fxhf.to_pretrained(prog, slim)
     assert next(hf.parameters()).dtype == torch.float32
@@ -219,7 +251,7 @@ def test_heterogeneous_widths():
     ids = _ids()
     prog = fxprune.compile(model, (ids,))
     layer = lambda g: int(re.search(r"layers\.(\d+)\.", g.params[0]).group(1))
-    _zero(prog, lambda g: g.size // 2 if layer(g) == 0 else g.size // 4)  # layer 0: 1 kv head, 48; layer 1: 2, 72
+    _zero(prog, _heads_mlp(lambda g: g.size // 2 if layer(g) == 0 else g.size // 4))  # layer 0: 1 kv head, 48; layer 1: 2, 72
     slim = prog.construct_subnet()
     with pytest.raises(fxprune.UnsupportedInputError, match="differs across layers") as info:
         fxhf.to_pretrained(prog, slim)
@@ -233,33 +265,92 @@ def test_heterogeneous_widths():
         fxhf.to_pretrained(model, slim, pad=True)
 
 
-def test_hidden_size_from_the_slim_widths(tmp_path):
-    """Residual-stream channels (normalised by RMSNorm, so inexact here) removed with
-    ``allow_inexact=True``: the config's ``hidden_size`` comes from the slim weights, and the
-    HuggingFace model equals the slim GraphModule (not the full model: the norms now average
-    over fewer channels). With the cache, ``generate`` gives the tokens of a decode that
-    recomputes every step; saved and loaded back, the same logits."""
-    from transformers import AutoModelForCausalLM
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_hidden_size_rms_identity(round_trips, name):
+    """The hidden size went from D = 64 to D' = 40: ``hf_config`` writes ``hidden_size`` 40 and
+    ``rms_norm_eps`` times D/D', and ``param_scales`` multiplies exactly the RMSNorm weights over
+    the hidden size (every layer's two and the final one) by sqrt(D/D'); the HuggingFace model
+    holds them so scaled and every other tensor as the slim GraphModule has it."""
+    made, _, _, _ = round_trips
+    model, slim, hf = made[name]["model"], made[name]["slim"], made[name]["hf"]
+    res = fxprune.hf_config(model, slim)
+    full, kept = HIDDEN, HIDDEN - HIDDEN_CUT
+    assert res.changed["hidden_size"] == (full, kept)
+    assert res.changed["rms_norm_eps"] == (1e-6, 1e-6 * full / kept)
+    norms = {f"model.layers.{i}.{n}.weight" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")}
+    assert set(res.param_scales) == norms | {"model.norm.weight"}
+    assert set(res.param_scales.values()) == {math.sqrt(full / kept)}
+    assert res.norm_dtype == torch.float32 and not res.unexpressible
+    state = slim.state_dict()
+    for key, value in hf.state_dict().items():
+        factor = res.param_scales.get(key, 1.0)
+        assert torch.equal(value, state[key] * factor if factor != 1.0 else state[key]), key
+    assert hf.model.norm.weight.shape == (kept,) and hf.model.embed_tokens.weight.shape == (VOCAB, kept)
 
-    model = _decoder("llama")
+
+def test_qk_norms_sharing_the_eps_are_reported():
+    """Qwen3 normalises queries and keys per head with the same ``rms_norm_eps`` as its norms
+    over the hidden size: no eps keeps both exact at a smaller hidden size, so the config is
+    not written (the per-head norms are not rescaled either); ``pad=True`` puts the hidden
+    channels back and keeps the narrower heads and MLP."""
+    model = _decoder("qwen3")
     ids = _ids()
-    prog = fxprune.compile(model, (ids,), allow_inexact=True)
-    residual = [g for g in prog.prunable_groups if not g.exact]
-    assert len(residual) == 1 and residual[0].size == 64
-    keep = torch.ones(64, dtype=torch.bool)
-    keep[::4] = False
-    prog.zero_({residual[0].id: keep})
-    slim = prog.construct_subnet(verify=False)
-    hf = fxhf.to_pretrained(prog, slim)
-    assert hf.config.hidden_size == 48 and hf.config.head_dim == 16 and hf.config.num_attention_heads == 4
-    assert hf.model.norm.weight.shape == (48,)
-    assert _rel(_logits(slim, ids), hf(ids).logits.detach()) <= 1e-10
-    prompt = ids[:1, :5]
-    assert torch.equal(_greedy(hf, prompt), _greedy(hf, prompt, cache=False))
-    hf.save_pretrained(str(tmp_path))
-    back = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float64).eval()
-    assert back.config.hidden_size == 48
-    assert _rel(_logits(slim, ids), back(ids).logits.detach()) <= 1e-10
+    prog = fxprune.compile(model, (ids,))
+    _zero(prog, _cut("llama"))
+    slim = prog.construct_subnet()
+    res = fxprune.hf_config(model, slim)
+    assert res.config is None and not res.param_scales
+    assert "q_norm" in res.unexpressible["hidden_size"] and "rms_norm_eps also sets" in res.explain()
+    with pytest.raises(fxprune.UnsupportedInputError, match="only RMS norms have an identity"):
+        fxhf.to_pretrained(prog, slim)
+    with pytest.warns(UserWarning, match="zero channels put back"):
+        hf = fxhf.to_pretrained(prog, slim, pad=True)
+    assert (hf.config.hidden_size, hf.config.num_key_value_heads, hf.config.intermediate_size) == (64, 1, 48)
+    assert hf.config.rms_norm_eps == 1e-6
+    assert _rel(_logits(model, ids), hf(ids).logits.detach()) <= 1e-10
+
+
+def _layernorm_models():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    bert = tf.BertForSequenceClassification(tf.BertConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=64, num_labels=3)).double().eval()
+    return {"gpt2": _decoder("gpt2_untied"), "bert": bert}
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_layernorm_hidden_size_is_reported(name):
+    """GPT-2's and BERT's residual stream runs through LayerNorm, which subtracts the mean: no
+    width and eps of the class give the slim model's full-count statistics. 16 of the 64
+    residual channels, one of the 4 heads and a quarter of the MLP removed (exact in the slim
+    GraphModule; the classes' head width hidden / heads stays 16 and GPT-2's MLP width
+    4 * n_embd fits, so every shape has a config):
+    ``hf_config`` writes no config and names the LayerNorms; ``to_pretrained`` refuses with the
+    reason, and ``pad=True`` puts the channels back, exactly."""
+    model = _layernorm_models()[name]
+    ids = _ids()
+    prog = fxprune.compile(model, (ids,))
+    hidden = [g for g in prog.prunable_groups if _is_hidden(g) or any("LayerNorm" in p for p in g.params)]
+    assert len(hidden) == 1 and hidden[0].size == HIDDEN and hidden[0].exact
+    _zero(prog, lambda g: 16 if g is hidden[0] else 1 if g.size == 4 else g.size // 4)
+    slim = prog.construct_subnet()
+    field = "n_embd" if name == "gpt2" else "hidden_size"
+    res = fxprune.hf_config(model, slim)
+    assert res.config is None and not res.mismatched and not res.heterogeneous, res.explain()
+    assert res.changed[field] == (HIDDEN, 48)
+    assert res.unexpressible and all("LayerNorm" in why and "subtracts the mean" in why
+                                     for why in res.unexpressible.values()), res.unexpressible
+    assert any(re.search(r"ln_1|attention\.output\.LayerNorm", k) for k in res.unexpressible), res.unexpressible
+    with pytest.raises(fxprune.UnsupportedInputError, match="normalises over the"):
+        res.save("/nonexistent")
+    with pytest.raises(fxprune.UnsupportedInputError, match="only RMS norms have an identity"):
+        fxhf.to_pretrained(prog, slim)
+    with pytest.warns(UserWarning, match="zero channels put back"):
+        hf = fxhf.to_pretrained(prog, slim, pad=True)
+    assert getattr(hf.config, field) == HIDDEN
+    assert _rel(_logits(model, ids), hf(ids).logits.detach()) <= 1e-10
 
 
 def test_weights_named_in_a_wrapper_are_refused_clearly():
@@ -276,7 +367,7 @@ def test_weights_named_in_a_wrapper_are_refused_clearly():
     model = Wrap(_decoder("llama"))
     ids = _ids()
     prog = fxprune.compile(model, (ids,))
-    _zero(prog, lambda g: g.size // 2)
+    _zero(prog, _heads_mlp(lambda g: 0 if any(p.endswith("lm_head.weight") for p in g.params) else g.size // 2))
     slim = prog.construct_subnet()
     with pytest.raises(fxprune.UnsupportedInputError, match="sits at 'lm'"):
         fxhf.to_pretrained(prog, slim)
@@ -291,14 +382,15 @@ def test_weights_named_in_a_wrapper_are_refused_clearly():
 def test_compile_decoder_with_default_cache():
     """OPT (and every HF decoder) is built with ``use_cache=True``, which returns a
     ``DynamicCache`` that torch.export refuses in an output: the export runs without the cache
-    and the config is left as it was; head and MLP groups are prunable and exact."""
+    and the config is left as it was; head and MLP groups are prunable and exact (the hidden
+    size, under LayerNorm and a tied embedding, is tested elsewhere)."""
     model = _decoder("opt")
     assert model.config.use_cache is True
     ids = _ids()
     prog = fxprune.compile(model, (ids,))
     assert model.config.use_cache is True
-    assert len([g for g in prog.prunable_groups if g.exact]) == 4, prog.summary()
-    _zero(prog, lambda g: g.size // 2)
+    assert len([g for g in prog.prunable_groups if g.exact and not _is_hidden(g)]) == 4, prog.summary()
+    _zero(prog, _heads_mlp(lambda g: g.size // 2))
     with pytest.warns(UserWarning, match="zero channels put back"):  # OPT's head width is hidden / heads
         hf = fxhf.to_pretrained(prog, pad=True)
     assert (hf.config.num_attention_heads, hf.config.ffn_dim) == (4, 64)
@@ -323,3 +415,35 @@ def test_error_of_the_front_end_that_came_closest():
     assert msg.startswith("torch.export cannot export") and "ReturnsCache" in msg.splitlines()[0] and "DynamicCache" in msg.splitlines()[0]
     assert "The torch.fx front end failed too" in msg
     assert info.value.modules_done > 10
+
+
+# ----------------------------------------------------------------------------------------------
+# the language-model job with the hidden size pruned
+
+
+def test_lm_job_prunes_the_hidden_size(tmp_path):
+    """``fxprune train --task causal-lm --untie-embeddings`` (tiny settings, 8 steps) prunes
+    half of the hidden size with the heads and MLP channels: the slim config has hidden_size
+    16 of 32 and rms_norm_eps times 2, the slim HuggingFace model's perplexity equals the full
+    model's, the saved directory reloads with the slim GraphModule's logits and generates the
+    full model's greedy tokens. (With the embedding tied to the output layer the hidden-size
+    group is frozen before training: the tied weight is not zeroed as the stream's producer.)"""
+    from transformers import AutoModelForCausalLM
+
+    from fxprune import cli
+
+    out = str(tmp_path / "run")
+    tiny = ["--layers", "2", "--hidden", "32", "--heads", "4", "--kv-heads", "2", "--intermediate", "48",
+            "--vocab-size", "300", "--corpus-bytes", "100000", "--seq-len", "32", "--batch-size", "4",
+            "--val-tokens", "256", "--sample-tokens", "8", "--no-progress", "--max-tokens", "1024"]
+    assert cli.main(["train", "--task", "causal-lm", "--out", out, "--untie-embeddings", *tiny]) == 0
+    rep = json.load(open(os.path.join(out, "report.json")))
+    assert rep["config"]["tie_embeddings"] is False
+    slim_cfg = rep["config_slim"]
+    assert slim_cfg["hidden_size"] == 16 and slim_cfg["rms_norm_eps"] == 1e-6 * 32 / 16
+    assert (slim_cfg["num_attention_heads"], slim_cfg["num_key_value_heads"], slim_cfg["intermediate_size"]) == (2, 1, 24)
+    assert rep["perplexity"]["equal"] and not rep["padded"] and rep["sample"]["slim_equals_full"]
+    assert rep["reload_relative_difference"] <= 1e-5
+    back = AutoModelForCausalLM.from_pretrained(rep["hf_dir"]).eval()
+    assert back.config.hidden_size == 16 and back.model.norm.weight.shape == (16,)
+    assert rep["params"]["slim"] < rep["params"]["full"] / 2

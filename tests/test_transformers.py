@@ -236,8 +236,8 @@ def test_head_groups_own_their_bias(name):
 def _zero_per_group(prog, model, count):
     """Zero ``count(group)`` leading channels of every prunable group but the residual streams
     (``model``: the model compiled); returns the slim model. The configs tested here are those
-    of fewer heads and narrower MLPs: a stock HuggingFace norm of a narrower stream would
-    divide by the slim width, where the slim model's keeps the full one."""
+    of fewer heads and narrower MLPs; the hidden size (RMS norms rescaled, LayerNorms reported)
+    has tests of its own in test_hf.py."""
     kinds = sweep.classify(prog, model)
     masks = {}
     for g in prog.groups:

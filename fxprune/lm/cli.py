@@ -1,8 +1,10 @@
 """``fxprune train --task causal-lm ...``: the language-model job's command line.
 
 With no options it trains the default small Llama from scratch on the standard library's
-sources with DHSPG at group sparsity 0.5 over attention heads and MLP channels, and writes the
-slim HuggingFace directory, report.json and a greedy sample to ``runs/causal-lm-stdlib``.
+sources with DHSPG at group sparsity 0.5 over attention heads, MLP channels and the hidden size
+(the last only with ``--untie-embeddings``: with the embedding tied to the output layer DHSPG
+keeps it), and writes the slim HuggingFace directory, report.json and a greedy sample to
+``runs/causal-lm-stdlib``.
 ``--init-from DIR`` compresses a trained model instead (a HuggingFace directory or an fxprune
 checkpoint) within ``--max-tokens``; ``--target-group-sparsity 0`` trains the dense baseline.
 """
@@ -34,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--init-from", str, "none: train from scratch", "start from a trained model: a HuggingFace directory "
         f"(its tokenizer.json is used) or an fxprune checkpoint / run directory; changes the defaults to {post}")
     opt("--max-tokens", int, d.max_tokens, "training budget in tokens")
-    opt("--target-group-sparsity", float, d.target_group_sparsity, "fraction of the prunable head and MLP "
-        "channels driven to zero; 0 trains the dense baseline")
+    opt("--target-group-sparsity", float, d.target_group_sparsity, "fraction of the prunable head, MLP and "
+        "hidden-size channels driven to zero; 0 trains the dense baseline")
     opt("--start-pruning-fraction", float, d.start_pruning_fraction, "share of the steps before DHSPG partitions "
         "the channels and starts pruning")
     opt("--pruning-fraction", float, d.pruning_fraction, "share of the steps over which DHSPG reaches the target")
@@ -51,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--heads", int, d.heads, "query heads of the default Llama")
     opt("--kv-heads", int, d.kv_heads, "key/value heads of the default Llama (grouped-query attention)")
     opt("--intermediate", int, d.intermediate, "SwiGLU width of the default Llama")
+    p.add_argument("--untie-embeddings", dest="tie_embeddings", action="store_const", const=False, default=None,
+                   help="give the default Llama an output layer of its own instead of the embedding's weight "
+                   "(default: tied)")
     opt("--vocab-size", int, d.vocab_size, "byte-level BPE vocabulary trained on the training split")
     opt("--corpus-bytes", int, d.corpus_bytes, "size of the standard-library selection")
     opt("--val-fraction", float, d.val_fraction, "share of the selected files held out for validation")

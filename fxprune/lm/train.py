@@ -59,6 +59,7 @@ class LMConfig:
     heads: int = 8
     kv_heads: int = 4
     intermediate: int = 688
+    tie_embeddings: bool = True
     vocab_size: int = DEFAULT_VOCAB_SIZE
     seq_len: int = 128
     batch_size: int = 16
@@ -129,14 +130,15 @@ def lr_at(config: LMConfig, step: int, steps: int) -> float:
 
 def build_model(config: LMConfig, vocab_size: int, eos_id: int) -> torch.nn.Module:
     """The default model: a ``transformers.LlamaForCausalLM`` with grouped-query attention,
-    random weights drawn from ``config.seed``."""
+    random weights drawn from ``config.seed``; the output layer shares the embedding's weight
+    unless ``config.tie_embeddings`` is False."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(config.seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=config.hidden, intermediate_size=config.intermediate,
                       num_hidden_layers=config.layers, num_attention_heads=config.heads,
                       num_key_value_heads=config.kv_heads, max_position_embeddings=max(1024, config.seq_len),
-                      tie_word_embeddings=True, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+                      tie_word_embeddings=config.tie_embeddings, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
     return LlamaForCausalLM(cfg)
 
 
@@ -166,8 +168,12 @@ def load_start(path: str) -> Tuple[torch.nn.Module, Optional[str]]:
 
 
 def build_optimizer(prog, config: LMConfig, steps: int):
-    """``fxprune.DHSPG`` with the AdamW base update over every parameter of the model; the
-    uniform partition gives every head and MLP group the same share of zero channels."""
+    """``fxprune.DHSPG`` with the AdamW base update over every parameter of the model, pruning
+    every prunable group: attention heads, MLP channels and the hidden size (residual stream,
+    exact since its RMSNorms keep the full count; DHSPG freezes it before training where
+    removing it is not exact, as with the embedding tied to the output layer). The uniform
+    partition gives every group the same share of zero channels, so every layer keeps the same
+    widths and the slim config is homogeneous."""
     import fxprune
 
     return fxprune.DHSPG(prog, lr=config.lr, variant="adamw", weight_decay=config.weight_decay,
