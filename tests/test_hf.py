@@ -421,13 +421,14 @@ def test_error_of_the_front_end_that_came_closest():
 # the language-model job with the hidden size pruned
 
 
-def test_lm_job_prunes_the_hidden_size(tmp_path):
-    """``fxprune train --task causal-lm --untie-embeddings`` (tiny settings, 8 steps) prunes
-    half of the hidden size with the heads and MLP channels: the slim config has hidden_size
-    16 of 32 and rms_norm_eps times 2, the slim HuggingFace model's perplexity equals the full
-    model's, the saved directory reloads with the slim GraphModule's logits and generates the
-    full model's greedy tokens. (With the embedding tied to the output layer the hidden-size
-    group is frozen before training: the tied weight is not zeroed as the stream's producer.)"""
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_lm_job_prunes_the_hidden_size(tmp_path, tied):
+    """``fxprune train --task causal-lm`` (tiny settings, 8 steps; the embedding tied to the
+    output layer, as by default, or not: ``--untie-embeddings``) prunes half of the hidden size
+    with the heads and MLP channels: the slim config has hidden_size 16 of 32 and rms_norm_eps
+    times 2, the slim HuggingFace model's perplexity equals the full model's, the saved
+    directory reloads with the slim GraphModule's logits and generates the full model's greedy
+    tokens."""
     from transformers import AutoModelForCausalLM
 
     from fxprune import cli
@@ -436,9 +437,10 @@ def test_lm_job_prunes_the_hidden_size(tmp_path):
     tiny = ["--layers", "2", "--hidden", "32", "--heads", "4", "--kv-heads", "2", "--intermediate", "48",
             "--vocab-size", "300", "--corpus-bytes", "100000", "--seq-len", "32", "--batch-size", "4",
             "--val-tokens", "256", "--sample-tokens", "8", "--no-progress", "--max-tokens", "1024"]
-    assert cli.main(["train", "--task", "causal-lm", "--out", out, "--untie-embeddings", *tiny]) == 0
+    untie = [] if tied else ["--untie-embeddings"]
+    assert cli.main(["train", "--task", "causal-lm", "--out", out, *untie, *tiny]) == 0
     rep = json.load(open(os.path.join(out, "report.json")))
-    assert rep["config"]["tie_embeddings"] is False
+    assert rep["config"]["tie_embeddings"] is tied
     slim_cfg = rep["config_slim"]
     assert slim_cfg["hidden_size"] == 16 and slim_cfg["rms_norm_eps"] == 1e-6 * 32 / 16
     assert (slim_cfg["num_attention_heads"], slim_cfg["num_key_value_heads"], slim_cfg["intermediate_size"]) == (2, 1, 24)
@@ -446,4 +448,5 @@ def test_lm_job_prunes_the_hidden_size(tmp_path):
     assert rep["reload_relative_difference"] <= 1e-5
     back = AutoModelForCausalLM.from_pretrained(rep["hf_dir"]).eval()
     assert back.config.hidden_size == 16 and back.model.norm.weight.shape == (16,)
+    assert (back.lm_head.weight is back.model.embed_tokens.weight) is tied
     assert rep["params"]["slim"] < rep["params"]["full"] / 2

@@ -2,9 +2,8 @@
 
 With no options it trains the default small Llama from scratch on the standard library's
 sources with DHSPG at group sparsity 0.5 over attention heads, MLP channels and the hidden size
-(the last only with ``--untie-embeddings``: with the embedding tied to the output layer DHSPG
-keeps it), and writes the slim HuggingFace directory, report.json and a greedy sample to
-``runs/causal-lm-stdlib``.
+(its embedding tied to the output layer unless ``--untie-embeddings``), and writes the slim
+HuggingFace directory, report.json and a greedy sample to ``runs/causal-lm-stdlib``.
 ``--init-from DIR`` compresses a trained model instead (a HuggingFace directory or an fxprune
 checkpoint) within ``--max-tokens``; ``--target-group-sparsity 0`` trains the dense baseline.
 """

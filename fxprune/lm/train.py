@@ -170,8 +170,9 @@ def load_start(path: str) -> Tuple[torch.nn.Module, Optional[str]]:
 def build_optimizer(prog, config: LMConfig, steps: int):
     """``fxprune.DHSPG`` with the AdamW base update over every parameter of the model, pruning
     every prunable group: attention heads, MLP channels and the hidden size (residual stream,
-    exact since its RMSNorms keep the full count; DHSPG freezes it before training where
-    removing it is not exact, as with the embedding tied to the output layer). The uniform
+    exact since its RMSNorms keep the full count, with the embedding tied to the output layer
+    or not; DHSPG's construction check freezes before training any group whose removal would
+    not be exact). The uniform
     partition gives every group the same share of zero channels, so every layer keeps the same
     widths and the slim config is homogeneous."""
     import fxprune
