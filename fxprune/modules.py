@@ -205,11 +205,14 @@ def _layer_norm_full_count(x: torch.Tensor, normalized_shape, weight: Optional[t
         mean, centred, ss = _mean_and_centred_square_sum(xf, dims, full_size)
         rstd = torch.rsqrt(ss / full_size + eps)
         return _affine((centred * rstd).to(x.dtype), weight, bias), mean, rstd
-    z, slim_mean, slim_rstd = torch.native_layer_norm(xf, tuple(x.shape[dims[0]:]), None, None, eps / r)
+    shape = tuple(x.shape[dims[0]:])
+    # A unit weight: torch's CPU kernel is faster with an affine weight than without.
+    z, slim_mean, slim_rstd = torch.native_layer_norm(xf, shape, xf.new_ones(shape), None, eps / r)
     ms = slim_mean * slim_rstd
     scale = (ms * ms).mul_(r * (1.0 - r)).add_(r).rsqrt_()  # rstd / slim_rstd
-    y = torch.addcmul((ms * scale).mul_(1.0 - r), z, scale, out=z).to(x.dtype)
-    y = _affine(y, weight, bias, inplace=True)  # nothing is differentiated: the fresh output is reused
+    # Nothing is differentiated here: the kernel's fresh output is updated in place.
+    y = z.add_(ms, alpha=1.0 - r).mul_(scale).to(x.dtype)
+    y = _affine(y, weight, bias, inplace=True)
     return (y, slim_mean * r, scale * slim_rstd) if stats else (y, None, None)
 
 
@@ -242,9 +245,9 @@ def native_layer_norm_full_count(x: torch.Tensor, normalized_shape, weight: Opti
     ``var = r (v' + (1 - r) m'**2)``. ``aten.native_layer_norm`` run with ``eps / r`` returns
     ``z = (x - m') s'`` and ``s' = (v' + eps / r)**-1/2``, so
     ``var + eps = r (s'**-2 + (1 - r) m'**2)`` (both terms non-negative: nothing cancels) and
-    ``(x - mean) rstd = a z + (1 - r) a m' s'`` with the per-slice
-    ``a = rstd / s' = (r + r (1 - r) (m' s')**2)**-1/2``: one elementwise pass after torch's
-    kernel, one more for the affine map, both in place in the kernel's output. (A stock layer
+    ``(x - mean) rstd = (z + (1 - r) m' s') a`` with the per-slice
+    ``a = rstd / s' = (r + r (1 - r) (m' s')**2)**-1/2``: two elementwise passes after torch's
+    kernel, one more for the affine map, all in place in the kernel's output. (A stock layer
     norm takes one pass in all; a per-slice scale and a per-channel weight cannot share one
     elementwise op without a full-size product.) Otherwise (torch's kernel does not differentiate its
     statistics outputs; with ``eps / r = 0`` it would divide by a zero variance) the statistics
