@@ -22,8 +22,9 @@ speed-up / FLOPs ratio, the share of the FLOPs reduction that shows as wall time
 Models and inputs: resnet18, resnet50, mobilenet_v2 and convnext_tiny at 3x224x224
 (``--side``), random weights (``_models.build``); vit_b_16 at the zoo's small input, 3x64x64
 (16 patches and the class token; built for that size, so ``--side`` does not apply). ConvNeXt's
-residual stream and ViT's are inexact (LayerNorm) and stay whole: only their MLP hidden
-channels (and ViT's heads, where exact) are pruned. torchvision's ViT runs
+and ViT's residual streams are pruned too: their slim LayerNorms keep the full model's count
+(``fxprune.modules.CountPreservingLayerNorm``; ``--norm-cost`` times them against stock ones).
+torchvision's ViT runs
 ``nn.MultiheadAttention``'s fused inference path; its slim model runs
 ``fxprune.modules.PrunedMultiheadAttention``.
 
