@@ -685,11 +685,15 @@ def render(data: dict) -> str:
           "*TP groups pruned / found (output layers)*: groups halved / groups `get_all_groups` yields (output "
           "layers, passed as `ignored_layers`); *TP first failing group*: the first group after which a one-group-at-a-time "
           "replay raises or differs.", ""]
-    kept = [r for r in data["records"] if r.get("tp_kept")]
+    kept = [r for r in data["records"] if r.get("tp_kept") and r["tp"].get("verdict") != NOT_RUN]
+    not_run = [r["model"] for r in data["records"] if r.get("tp", {}).get("verdict") == NOT_RUN]
     if kept:
         md += [f"Torch-Pruning's columns of {len(kept)} of {len(data['records'])} models are kept from an earlier "
                "full run (`--fxprune-only` re-ran fxprune's side only; Torch-Pruning's side does not depend on "
                f"fxprune); torch-pruning {env.get('torch_pruning')}.", ""]
+    if not_run:
+        md += [f"Torch-Pruning was not run on {len(not_run)} models new since that run ({', '.join(not_run)}); "
+               "they are left out of the summary counts.", ""]
     md += ["## Summary", ""]
     by_set = defaultdict(list)
     for r in data["records"]:
