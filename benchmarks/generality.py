@@ -71,6 +71,10 @@ Usage::
     python benchmarks/generality.py --models resnet18 timm/convnext_atto hf/bert
     python benchmarks/generality.py --render                  # rewrite generality.md from the JSON
 
+``--fxprune-only`` re-runs fxprune's side only and keeps each model's Torch-Pruning record from
+the existing generality.json (marked ``"tp_kept": true``; the rendered table says so): TP's side
+does not depend on fxprune, and a full run with its time limits takes hours on a small machine.
+
 Results are merged into benchmarks/results/generality.json (records of models run now replace
 older ones; ``--fresh`` starts over) and generality.md, after every model, so an interrupted
 run keeps what it has finished.
@@ -110,6 +114,7 @@ QUICK = {
 }
 REGION_SETS = ("detection", "video", "moe")  # built by _region_models.py, names prefixed "set/"
 FXPRUNE_CORRECT = ("exact", "partial", "inexact")  # something pruned and the slim model matches
+NOT_RUN = "not run"  # --fxprune-only on a model with no earlier Torch-Pruning record: left out of the summaries
 
 
 # ------------------------------------------------------------------------------ model sets
@@ -539,8 +544,10 @@ def _fxprune_summary(rec: dict) -> dict:
     return rec
 
 
-def worker(name: str, seed: int, rtol: float, tp_time_limit: float, localise_s: float) -> None:
-    """Print the model's record as JSON lines: after fxprune, after TP, after localisation."""
+def worker(name: str, seed: int, rtol: float, tp_time_limit: float, localise_s: float,
+           fxprune_only: bool = False) -> None:
+    """Print the model's record as JSON lines: after fxprune, after TP, after localisation
+    (``fxprune_only``: after fxprune only, with no ``tp`` field)."""
     import torch
 
     import _models
@@ -575,6 +582,9 @@ def worker(name: str, seed: int, rtol: float, tp_time_limit: float, localise_s: 
 
     rec["fxprune"] = _fxprune_summary(judge(copy.deepcopy(model), inputs, "random", seed, rtol))
     gc.collect()
+    if fxprune_only:
+        emit()
+        return
     rec["tp"] = {"verdict": "pending"}
     emit()
     rec["tp"] = judge_tp(model, inputs, seed, rtol, tp_time_limit)
@@ -629,8 +639,8 @@ def markdown_table(records: List[dict]) -> str:
 def summarize(records: List[dict]) -> dict:
     """Verdict counts per tool, and the models where one tool is correct and the other not
     (fxprune correct: exact, partial or inexact, i.e. it pruned and its slim model matches;
-    TP correct: exact)."""
-    done = [r for r in records if r.get("tp", {}).get("verdict") not in (None, "pending")]
+    TP correct: exact). Models whose Torch-Pruning side was not run are left out."""
+    done = [r for r in records if r.get("tp", {}).get("verdict") not in (None, "pending", NOT_RUN)]
     fx_ok = {r["model"] for r in done if r["fxprune"]["verdict"] in FXPRUNE_CORRECT}
     tp_ok = {r["model"] for r in done if r["tp"]["verdict"] == "exact"}
     return {
@@ -674,7 +684,17 @@ def render(data: dict) -> str:
           "halved) of all groups; *TP*: exact (the pruned model matches), mismatch (runs, differs), frozen, error; "
           "*TP groups pruned / found (output layers)*: groups halved / groups `get_all_groups` yields (output "
           "layers, passed as `ignored_layers`); *TP first failing group*: the first group after which a one-group-at-a-time "
-          "replay raises or differs.", "", "## Summary", ""]
+          "replay raises or differs.", ""]
+    kept = [r for r in data["records"] if r.get("tp_kept") and r["tp"].get("verdict") != NOT_RUN]
+    not_run = [r["model"] for r in data["records"] if r.get("tp", {}).get("verdict") == NOT_RUN]
+    if kept:
+        md += [f"Torch-Pruning's columns of {len(kept)} of {len(data['records'])} models are kept from an earlier "
+               "full run (`--fxprune-only` re-ran fxprune's side only; Torch-Pruning's side does not depend on "
+               f"fxprune); torch-pruning {env.get('torch_pruning')}.", ""]
+    if not_run:
+        md += [f"Torch-Pruning was not run on {len(not_run)} models new since that run ({', '.join(not_run)}); "
+               "they are left out of the summary counts.", ""]
+    md += ["## Summary", ""]
     by_set = defaultdict(list)
     for r in data["records"]:
         by_set[r["set"]].append(r)
@@ -715,6 +735,8 @@ def main(argv=None) -> int:
     ap.add_argument("--localise-s", type=float, default=60, help="seconds for the one-group-at-a-time replay")
     ap.add_argument("--jobs", type=int, default=1, help="models run in parallel")
     ap.add_argument("--fresh", action="store_true", help="discard the records of an existing generality.json")
+    ap.add_argument("--fxprune-only", action="store_true",
+                    help="run fxprune's side only; keep each model's Torch-Pruning record from generality.json")
     ap.add_argument("--render", action="store_true", help="only rewrite generality.md from generality.json")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--list", action="store_true", help="print the models that would run and exit")
@@ -722,7 +744,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if args.worker:
-        worker(args.worker, args.seed, args.rtol, args.tp_time_limit, args.localise_s)
+        worker(args.worker, args.seed, args.rtol, args.tp_time_limit, args.localise_s, args.fxprune_only)
         return 0
     out = Path(args.out)
     json_path, md_path = out / "generality.json", out / "generality.md"
@@ -741,13 +763,17 @@ def main(argv=None) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     old = [] if args.fresh or not json_path.exists() else json.loads(json_path.read_text())["records"]
+    old_tp = {r["model"]: r["tp"] for r in old if "tp" in r}
     data = {"env": _env(args), "records": [r for r in old if r["model"] not in set(names)]}
     lock = threading.Lock()
     options = ["--seed", str(args.seed), "--rtol", str(args.rtol), "--tp-time-limit", str(args.tp_time_limit),
-               "--localise-s", str(args.localise_s)]
+               "--localise-s", str(args.localise_s)] + (["--fxprune-only"] if args.fxprune_only else [])
 
     def done(i: int, rec: dict) -> None:
         rec.setdefault("set", set_of(rec["model"]))
+        if args.fxprune_only:
+            rec["tp"] = old_tp.get(rec["model"], {"verdict": NOT_RUN, "error": "model new since the last full run"})
+            rec["tp_kept"] = True
         if rec.get("tp", {}).get("verdict") == "pending":  # timed out during Torch-Pruning's turn
             rec["tp"] = {"verdict": "error", "error": rec.get("timeout", "timeout")}
         for tool in ("fxprune", "tp"):  # a worker that died before printing a record

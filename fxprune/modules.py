@@ -178,44 +178,82 @@ def std_full_count(x: torch.Tensor, dim, correction: float = 1, keepdim: bool = 
     return var_full_count(x, dim, correction, keepdim, full_sizes).sqrt()
 
 
+def _affine(y: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+            inplace: bool = False) -> torch.Tensor:
+    """``y * weight + bias`` (either may be None); ``inplace``: written into ``y``."""
+    if weight is not None and bias is not None:
+        return torch.addcmul(bias, y, weight, out=y) if inplace else torch.addcmul(bias, y, weight)
+    if weight is not None:
+        return y.mul_(weight) if inplace else y * weight
+    if bias is not None:
+        return y.add_(bias) if inplace else y + bias
+    return y
+
+
+def _layer_norm_full_count(x: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor],
+                           bias: Optional[torch.Tensor], eps: float, full_size: int, stats: bool = True):
+    """``(output, mean, rstd)`` of :func:`native_layer_norm_full_count` (upcast as
+    :func:`_upcast`; the output in ``x``'s dtype); ``stats=False``: ``mean`` and ``rstd`` may
+    be None (not computed)."""
+    dims = tuple(range(x.dim() - len(tuple(normalized_shape)), x.dim()))
+    xf = _upcast(x)
+    kept = 1
+    for d in dims:
+        kept *= x.shape[d]
+    r = kept / full_size
+    tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if eps <= 0 or tracked:  # see native_layer_norm_full_count
+        mean, centred, ss = _mean_and_centred_square_sum(xf, dims, full_size)
+        rstd = torch.rsqrt(ss / full_size + eps)
+        return _affine((centred * rstd).to(x.dtype), weight, bias), mean, rstd
+    shape = tuple(x.shape[dims[0]:])
+    # A unit weight: torch's CPU kernel is faster with an affine weight than without.
+    z, slim_mean, slim_rstd = torch.native_layer_norm(xf, shape, xf.new_ones(shape), None, eps / r)
+    ms = slim_mean * slim_rstd
+    scale = (ms * ms).mul_(r * (1.0 - r)).add_(r).rsqrt_()  # rstd / slim_rstd
+    # Nothing is differentiated here: the kernel's fresh output is updated in place.
+    y = z.add_(ms, alpha=1.0 - r).mul_(scale).to(x.dtype)
+    y = _affine(y, weight, bias, inplace=True)
+    return (y, slim_mean * r, scale * slim_rstd) if stats else (y, None, None)
+
+
 def layer_norm_full_count(x: torch.Tensor, normalized_shape, full_size: int, weight: Optional[torch.Tensor] = None,
                           bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
     """``F.layer_norm`` over the slim channels with the full model's statistics.
 
     With ``D = full_size`` elements per normalised slice of which the slim input holds the
     non-removed ones: ``mean = sum(x) / D``, ``var = (sum((x - mean)**2) + (D - D') mean**2) / D``
-    (the removed zeros included), then ``(x - mean) / sqrt(var + eps) * weight + bias``.
+    (the removed zeros included), then ``(x - mean) / sqrt(var + eps) * weight + bias``
+    (computed as :func:`native_layer_norm_full_count` says).
 
     Args:
         x: ``(*, *normalized_shape)``, the slim input.
         normalized_shape: the slim normalised shape (the last dims of ``x``).
         full_size: number of elements of the full model's normalised shape.
     """
-    dims = tuple(range(x.dim() - len(tuple(normalized_shape)), x.dim()))
-    xf = _upcast(x)
-    _, centred, ss = _mean_and_centred_square_sum(xf, dims, full_size)
-    y = (centred * torch.rsqrt(ss / full_size + eps)).to(x.dtype)
-    if weight is not None:
-        y = y * weight
-    if bias is not None:
-        y = y + bias
-    return y
+    return _layer_norm_full_count(x, normalized_shape, weight, bias, eps, full_size, stats=False)[0]
 
 
 def native_layer_norm_full_count(x: torch.Tensor, normalized_shape, weight: Optional[torch.Tensor],
                                  bias: Optional[torch.Tensor], eps: float, full_size: int):
     """``aten.native_layer_norm`` with the full model's statistics: ``(output, mean, rstd)``,
-    the statistics shaped ``(*, 1, ..., 1)`` (:func:`layer_norm_full_count`)."""
-    dims = tuple(range(x.dim() - len(tuple(normalized_shape)), x.dim()))
-    xf = _upcast(x)
-    mean, centred, ss = _mean_and_centred_square_sum(xf, dims, full_size)
-    rstd = torch.rsqrt(ss / full_size + eps)
-    y = (centred * rstd).to(x.dtype)
-    if weight is not None:
-        y = y * weight
-    if bias is not None:
-        y = y + bias
-    return y, mean, rstd
+    the statistics shaped ``(*, 1, ..., 1)`` (:func:`layer_norm_full_count`).
+
+    When nothing is differentiated (inference: grad mode off, or no input requires a gradient)
+    and ``eps > 0``, the slim slice goes through torch's own fused layer norm, whose statistics
+    are then corrected for the missing zeros. With ``r = D' / D`` (kept / full elements) and the
+    slim mean ``m'`` and biased variance ``v'``, the full ones are ``mean = r m'`` and
+    ``var = r (v' + (1 - r) m'**2)``. ``aten.native_layer_norm`` run with ``eps / r`` returns
+    ``z = (x - m') s'`` and ``s' = (v' + eps / r)**-1/2``, so
+    ``var + eps = r (s'**-2 + (1 - r) m'**2)`` (both terms non-negative: nothing cancels) and
+    ``(x - mean) rstd = (z + (1 - r) m' s') a`` with the per-slice
+    ``a = rstd / s' = (r + r (1 - r) (m' s')**2)**-1/2``: two elementwise passes after torch's
+    kernel, one more for the affine map, all in place in the kernel's output. (A stock layer
+    norm takes one pass in all; a per-slice scale and a per-channel weight cannot share one
+    elementwise op without a full-size product.) Otherwise (torch's kernel does not differentiate its
+    statistics outputs; with ``eps / r = 0`` it would divide by a zero variance) the statistics
+    take two explicit passes over the slim elements (``sum``, then the centred squares)."""
+    return _layer_norm_full_count(x, normalized_shape, weight, bias, eps, full_size)
 
 
 def rms_norm_full_count(x: torch.Tensor, normalized_shape, full_size: int, weight: Optional[torch.Tensor] = None,
