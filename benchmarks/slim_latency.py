@@ -100,19 +100,29 @@ def slim_models(model: torch.nn.Module, x: torch.Tensor, sparsities, seed: int =
     return out
 
 
-def measure(name: str, side: int, sparsities, batches, repeats: int, warmup: int,
-            device: torch.device) -> list:
-    """Rows of the table for one model (see the module docstring)."""
+def _prepared(name: str, side: int, sparsities, device: torch.device):
+    """The model, its slim models (:func:`slim_models`) on ``device``, and the device's
+    synchronisation (None on the CPU)."""
     model = _models.build(name)
     x = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0))
     slims = slim_models(model, x, sparsities)
     model.to(device)
     for slim, _, _ in slims.values():
         slim.to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    return model, slims, torch.cuda.synchronize if device.type == "cuda" else None
+
+
+def _batch(batch: int, side: int, device: torch.device) -> torch.Tensor:
+    return torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(1)).to(device)
+
+
+def measure(name: str, side: int, sparsities, batches, repeats: int, warmup: int,
+            device: torch.device) -> list:
+    """Rows of the table for one model (see the module docstring)."""
+    model, slims, sync = _prepared(name, side, sparsities, device)
     rows = []
     for batch in batches:
-        xb = torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(1)).to(device)
+        xb = _batch(batch, side, device)
         fns = {"full": lambda: model(xb)}
         fns.update({s: (lambda m=slim: m(xb)) for s, (slim, _, _) in slims.items()})
         with torch.inference_mode():
@@ -197,14 +207,11 @@ def measure_norm_cost(name: str, side: int, sparsities, batches, repeats: int, w
                       device: torch.device) -> list:
     """Rows for ``--norm-cost``: the full model, each slim model as built and with stock norms
     (:func:`stock_norms`), timed in turn per round."""
-    model = _models.build(name)
-    x = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0))
-    slims = {s: (slim.to(device), *stock_norms(slim), rep) for s, (slim, rep, _) in slim_models(model, x, sparsities).items()}
-    model.to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    model, built, sync = _prepared(name, side, sparsities, device)
+    slims = {s: (slim, *stock_norms(slim), rep) for s, (slim, rep, _) in built.items()}
     rows = []
     for batch in batches:
-        xb = torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(1)).to(device)
+        xb = _batch(batch, side, device)
         fns = {"full": lambda: model(xb)}
         for s, (slim, stock, _, _) in slims.items():
             stock.to(device)
@@ -228,31 +235,35 @@ def measure_norm_cost(name: str, side: int, sparsities, batches, repeats: int, w
     return rows
 
 
-def norm_cost_table(rows: list) -> str:
-    head = ("| model | input | sparsity | batch | params cut | full ms | slim ms (count-preserving) | "
-            "slim ms (stock norms) | ratio | ratio by CPU time |")
-    out = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+def _markdown(head: str, rule: str, rows: list, cells) -> str:
+    """A Markdown table: ``cells(row)`` gives a row's cells after the model's name; a failed
+    row gets its error in the last column."""
+    out = [head, rule]
+    blanks = rule.count("|") - 3
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['model']} | | | | | | | | | error: {r['error']} |")
-            continue
-        out.append(f"| {r['model']} | {'x'.join(map(str, r['input'][1:]))} | {r['sparsity']:.0%} | {r['batch']} | "
-                   f"{1 - r['params_slim'] / r['params_full']:.1%} | {r['full_ms']:.1f} | {r['slim_ms']:.1f} | "
-                   f"{r['stock_ms']:.1f} | {r['ratio']:.3f} | {r['cpu_ratio']:.3f} |")
+            out.append(f"| {r['model']} |" + " |" * blanks + f" error: {r['error']} |")
+        else:
+            out.append(f"| {r['model']} | " + " | ".join(cells(r)) + " |")
     return "\n".join(out)
+
+
+def norm_cost_table(rows: list) -> str:
+    return _markdown("| model | input | sparsity | batch | params cut | full ms | slim ms (count-preserving) | "
+                     "slim ms (stock norms) | ratio | ratio by CPU time |",
+                     "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", rows,
+                     lambda r: ["x".join(map(str, r["input"][1:])), f"{r['sparsity']:.0%}", str(r["batch"]),
+                                f"{1 - r['params_slim'] / r['params_full']:.1%}", f"{r['full_ms']:.1f}",
+                                f"{r['slim_ms']:.1f}", f"{r['stock_ms']:.1f}", f"{r['ratio']:.3f}",
+                                f"{r['cpu_ratio']:.3f}"])
 
 
 def table(rows: list) -> str:
-    head = "| model | input | sparsity | batch | full ms | slim ms | speed-up | FLOPs full/slim | realized |"
-    out = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        if "error" in r:
-            out.append(f"| {r['model']} | | | | | | | | error: {r['error']} |")
-            continue
-        out.append(f"| {r['model']} | {'x'.join(map(str, r['input']))} | {r['sparsity']:.0%} | {r['batch']} | "
-                   f"{r['full_ms']:.2f} | {r['slim_ms']:.2f} | {r['speedup']:.2f}x | {r['flops_ratio']:.2f}x | "
-                   f"{r['realized']:.2f} |")
-    return "\n".join(out)
+    return _markdown("| model | input | sparsity | batch | full ms | slim ms | speed-up | FLOPs full/slim | realized |",
+                     "|---|---|---:|---:|---:|---:|---:|---:|---:|", rows,
+                     lambda r: ["x".join(map(str, r["input"])), f"{r['sparsity']:.0%}", str(r["batch"]),
+                                f"{r['full_ms']:.2f}", f"{r['slim_ms']:.2f}", f"{r['speedup']:.2f}x",
+                                f"{r['flops_ratio']:.2f}x", f"{r['realized']:.2f}"])
 
 
 def main(argv=None) -> dict:
