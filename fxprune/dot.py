@@ -29,23 +29,28 @@ def _shape(node: torch.fx.Node) -> str:
     return str(tuple(meta.shape)) if hasattr(meta, "shape") else ""
 
 
+def _graph_node(node: torch.fx.Node, name: str, gids, groups) -> pydot.Node:
+    """The DOT node of ``node``, named ``name``, coloured by the first of its groups ``gids``
+    (ids into ``groups``; grey without groups or when that group is frozen)."""
+    color = _FROZEN
+    if gids and groups is not None:
+        g = groups[gids[0]]
+        color = _PALETTE[g.id % len(_PALETTE)] if g.prunable else _FROZEN
+    label = f"{node.name}\\n{node.op} {_target(node)}"
+    shape = _shape(node)
+    if shape:
+        label += f"\\n{shape}"
+    if gids:
+        label += "\\ngroups " + ",".join(map(str, gids[:6])) + ("..." if len(gids) > 6 else "")
+    return pydot.Node(_q(name), label=_q(label).replace("\\\\n", "\\n"), fillcolor=color)
+
+
 def graph_to_dot(gm: torch.fx.GraphModule, groups=None) -> pydot.Dot:
     """DOT of a GraphModule after any pass; uses the ``fxprune.*`` node metadata present."""
     dot = pydot.Dot("fxprune", graph_type="digraph", rankdir="TB")
     dot.set_node_defaults(shape="box", style="filled,rounded", fontname="Helvetica", fontsize="10")
     for node in gm.graph.nodes:
-        gids = node.meta.get("fxprune.groups") or []
-        color = _FROZEN
-        if gids and groups is not None:
-            g = groups[gids[0]]
-            color = _PALETTE[g.id % len(_PALETTE)] if g.prunable else _FROZEN
-        label = f"{node.name}\\n{node.op} {_target(node)}"
-        shape = _shape(node)
-        if shape:
-            label += f"\\n{shape}"
-        if gids:
-            label += "\\ngroups " + ",".join(map(str, gids[:6])) + ("..." if len(gids) > 6 else "")
-        dot.add_node(pydot.Node(_q(node.name), label=_q(label).replace("\\\\n", "\\n"), fillcolor=color))
+        dot.add_node(_graph_node(node, node.name, node.meta.get("fxprune.groups") or [], groups))
         for inp in node.all_input_nodes:
             dot.add_edge(pydot.Edge(_q(inp.name), _q(node.name)))
     return dot
@@ -70,18 +75,8 @@ def regions_to_dot(prog) -> pydot.Dot:
                                                           f"{'s' if r.calls != 1 else ''})"), fontname="Helvetica")
         for node in r.module.graph.nodes:
             gids = [gmap[g] for g in node.meta.get("fxprune.groups") or [] if g in gmap]
-            color = _FROZEN
-            if gids:
-                g = prog.groups[gids[0]]
-                color = _PALETTE[g.id % len(_PALETTE)] if g.prunable else _FROZEN
-            label = f"{node.name}\\n{node.op} {_target(node)}"
-            shape = _shape(node)
-            if shape:
-                label += f"\\n{shape}"
-            if gids:
-                label += "\\ngroups " + ",".join(map(str, gids[:6])) + ("..." if len(gids) > 6 else "")
             name = f"{r.name}:{node.name}"
-            cluster.add_node(pydot.Node(_q(name), label=_q(label).replace("\\\\n", "\\n"), fillcolor=color))
+            cluster.add_node(_graph_node(node, name, gids, prog.groups))
             for inp in node.all_input_nodes:
                 cluster.add_edge(pydot.Edge(_q(f"{r.name}:{inp.name}"), _q(name)))
         dot.add_subgraph(cluster)

@@ -662,8 +662,9 @@ class Program:
         return written
 
     def summary(self) -> str:
-        lines = [f"Program: {len(self.module.graph.nodes)} nodes, {len(self.groups)} groups "
+        lines = [f"{type(self).__name__}: {self._size()}, {len(self.groups)} groups "
                  f"({len(self.prunable_groups)} prunable, {sum(g.size for g in self.prunable_groups)} channels)"]
+        lines += self._summary_parts()
         for g in self.groups:
             lines.append("  " + repr(g))
         if "erase" in self.modes:
@@ -671,10 +672,22 @@ class Program:
             lines += ["  " + repr(e) for e in self.erasables]
         return "\n".join(lines)
 
+    def _size(self) -> str:
+        """What :meth:`summary`'s first line says the program is made of."""
+        return f"{len(self.module.graph.nodes)} nodes"
+
+    def _summary_parts(self) -> List[str]:
+        """Lines :meth:`summary` shows before the groups (none here)."""
+        return []
+
     def __repr__(self) -> str:
         extra = f", erasables={len(self.erasables)}" if "erase" in self.modes else ""
-        return (f"Program({type(self.module).__name__}, groups={len(self.groups)}, "
+        return (f"{type(self).__name__}({type(self.module).__name__}, {self._repr_parts()}groups={len(self.groups)}, "
                 f"prunable={len(self.prunable_groups)}{extra})")
+
+    def _repr_parts(self) -> str:
+        """Fields ``repr`` shows before the group counts (none here)."""
+        return ""
 
 
 def _zero_groups(module: torch.nn.Module, groups: Sequence[Group], masks: Mapping[int, np.ndarray]) -> None:

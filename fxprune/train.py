@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 from . import data as data_lib
 from . import distributed as dist_lib
 from . import models as model_lib
-from .errors import CheckpointError, ConfigError, first_line
+from .errors import CheckpointError, ConfigError
 
 CHECKPOINT_FORMAT = "fxprune-train-checkpoint"
 CHECKPOINT_VERSION = 1

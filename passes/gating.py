@@ -157,13 +157,7 @@ class GatedGraphModule(torch.fx.GraphModule):
         if values is None:
             self.bank.values = None
             return
-        if isinstance(values, Mapping):
-            values = self.flat_from_groups(values)
-        v = torch.as_tensor(values)
-        if not v.is_floating_point():
-            v = v.to(torch.get_default_dtype())
-        if v.shape != (self.num_channels,):
-            raise FxPruneError(f"gate values of shape {tuple(v.shape)}, expected ({self.num_channels},)")
+        v = gate_vector(values, self.num_channels, self.flat_from_groups)
         self.bank.values = torch.cat([v, v.new_ones(1)])
 
     @property
@@ -201,6 +195,24 @@ class GatedGraphModule(torch.fx.GraphModule):
         for b in self.buffers():
             return b.device
         return torch.device("cpu")
+
+
+def gate_vector(values: Any, num_channels: int, flat_from_groups) -> torch.Tensor:
+    """Gate values as a floating ``Tensor[num_channels]`` in flat channel order: ``values`` is
+    one already (autograd flows through it) or ``{group id: values}``, which
+    ``flat_from_groups`` flattens.
+
+    Raises:
+        fxprune.FxPruneError: the values have another shape.
+    """
+    if isinstance(values, Mapping):
+        values = flat_from_groups(values)
+    v = torch.as_tensor(values)
+    if not v.is_floating_point():
+        v = v.to(torch.get_default_dtype())
+    if v.shape != (num_channels,):
+        raise FxPruneError(f"gate values of shape {tuple(v.shape)}, expected ({num_channels},)")
+    return v
 
 
 def _flat_ids(ca, group_ids: Sequence[int], offsets: Sequence[int]) -> Tuple[np.ndarray, int]:

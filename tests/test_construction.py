@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 import fxprune
 from fxprune.errors import UnsupportedInputError
-from fxprune.program import max_output_difference
 from fxprune.testing import random_masks, randomize_norms
 
 

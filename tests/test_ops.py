@@ -1799,7 +1799,6 @@ def test_functional_grouped_conv_with_a_buffer_filter_prunes():
     """A blur pool (``F.conv2d(x, filt, groups=C)`` with a fixed filter buffer): its channels
     are one group with the producing conv, the buffer is sliced with them and the ``groups``
     constant is recomputed, so the slim model matches."""
-    import fxprune
     from fxprune.testing import check_equivalence
 
     class BlurNet(nn.Module):
@@ -1853,7 +1852,6 @@ def test_export_prunes_depthwise_convs_and_in_place_activations():
     and in-place ReLU6 (``hardtanh_``) prune like their modules do under symbolic tracing."""
     import torchvision
 
-    import fxprune
     from fxprune.testing import check_equivalence
 
     torch.manual_seed(0)
@@ -1872,7 +1870,6 @@ def test_export_prunes_depthwise_convs_and_in_place_activations():
 def test_in_place_activation_on_a_shared_tensor_freezes():
     """``sigmoid_`` on a tensor something else also reads turns its zeroed channels into 0.5
     behind that reader's back: the channels freeze instead."""
-    import fxprune
 
     class Shared(nn.Module):
         def __init__(self):
@@ -1895,7 +1892,6 @@ def test_weight_standardised_conv_marks_its_input_channels_inexact():
     over the weight reshaped to (1, C_out, C_in*k*k) normalises each row over its input
     channels, so removing an input channel changes every row: that group is inexact, the
     conv's output channels stay prunable, and the slim model matches."""
-    import fxprune
     from fxprune.testing import check_equivalence
 
     class StdConv(nn.Conv2d):
@@ -1941,7 +1937,6 @@ def test_depthwise_conv_called_twice():
             y = self.a(x)
             return self.b(self.dw(y) + self.dw(torch.relu(y)))
 
-    import fxprune
 
     model, x = Twice().eval(), torch.randn(1, 3, 6, 6)
     check_equivalence(model, (x,), dtype=torch.float64)
@@ -2002,8 +1997,6 @@ def test_addcmul_grn_mean_over_channels_is_exact():
 def test_export_in_place_add_and_antialiased_resampling():
     """``x += y`` exports as ``aten.add_.Tensor`` and an anti-aliased bicubic resize as
     ``aten._upsample_bicubic2d_aa``: both keep channels, so the residual group prunes."""
-    import fxprune
-
     class M(nn.Module):
         def __init__(self):
             super().__init__()
@@ -2043,7 +2036,6 @@ def test_parameters_after_the_example_inputs_keep_their_defaults():
     """A parameter the example inputs do not give is fixed at its default for tracing, as the
     call with these inputs has it: ``mask=None`` takes the unmasked branch; a mask given as an
     input is traced as a tensor."""
-    import fxprune
     from fxprune.testing import check_equivalence
 
     x = image()

@@ -243,24 +243,15 @@ class RegionProgram(Program):
             written += r.program.dump(os.path.join(directory, re.sub(r"\W+", "_", r.name)))
         return written
 
-    def summary(self) -> str:
-        lines = [f"RegionProgram: {len(self.regions)} regions, {len(self.groups)} groups "
-                 f"({len(self.prunable_groups)} prunable, {sum(g.size for g in self.prunable_groups)} channels)"]
-        for r in self.regions:
-            lines.append(f"  {r!r}" + (f" at {', '.join(r.paths[1:])} too" if len(r.paths) > 1 else ""))
-        for name, why in self.rejected.items():
-            lines.append(f"  not a region: {name or '<root>'}: {why}")
-        for g in self.groups:
-            lines.append("  " + repr(g))
-        if "erase" in self.modes:
-            lines.append(f"{len(self.erasables)} erasable operators")
-            lines += ["  " + repr(e) for e in self.erasables]
-        return "\n".join(lines)
+    def _size(self) -> str:
+        return f"{len(self.regions)} regions"
 
-    def __repr__(self) -> str:
-        extra = f", erasables={len(self.erasables)}" if "erase" in self.modes else ""
-        return (f"RegionProgram({type(self.module).__name__}, regions={len(self.regions)}, groups={len(self.groups)}, "
-                f"prunable={len(self.prunable_groups)}{extra})")
+    def _summary_parts(self) -> List[str]:
+        lines = [f"  {r!r}" + (f" at {', '.join(r.paths[1:])} too" if len(r.paths) > 1 else "") for r in self.regions]
+        return lines + [f"  not a region: {name or '<root>'}: {why}" for name, why in self.rejected.items()]
+
+    def _repr_parts(self) -> str:
+        return f"regions={len(self.regions)}, "
 
 
 def _rename(s: Slice, region: str) -> Slice:

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from fxprune.errors import FxPruneError
+from fxprune.passes.gating import gate_vector
 
 from .build import swap_in
 from .calls import CallSpec
@@ -76,13 +77,7 @@ class RegionGatedModule(nn.Module):
             for gated, _, _ in self.parts:
                 gated.set_gates(None)
             return
-        if isinstance(values, Mapping):
-            values = self.flat_from_groups(values)
-        v = torch.as_tensor(values)
-        if not v.is_floating_point():
-            v = v.to(torch.get_default_dtype())
-        if v.shape != (self.num_channels,):
-            raise FxPruneError(f"gate values of shape {tuple(v.shape)}, expected ({self.num_channels},)")
+        v = gate_vector(values, self.num_channels, self.flat_from_groups)
         self._gates = v
         for gated, off, c in self.parts:
             gated.set_gates(v[off:off + c] if c else None)
